@@ -1,0 +1,3 @@
+"""qbench: a reproducible benchmark of LLM quantization methods."""
+
+__version__ = "0.1.0"
