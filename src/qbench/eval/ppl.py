@@ -1,0 +1,60 @@
+"""Token-level perplexity: the GPTQ / qllm-infer protocol.
+
+The evaluation text is tokenized once (documents joined by ``"\\n\\n"``), cut into
+non-overlapping windows of ``seqlen`` tokens (the trailing partial window is dropped), and each
+window is scored independently: ``ppl = exp(mean NLL over all predicted tokens)``. Each window
+predicts ``seqlen - 1`` tokens (the first token has no context), exactly like the reference
+implementations, which divide by ``nsamples * seqlen`` of shifted losses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+PROTOCOL = "token-level, non-overlapping windows (GPTQ protocol)"
+
+
+def windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    n = tokens.numel() // seqlen
+    if max_windows:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than seqlen={seqlen}")
+    return tokens[: n * seqlen].view(n, seqlen)
+
+
+@torch.inference_mode()
+def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
+               batch_size: int = 1, progress: bool = True, desc: str = "ppl") -> dict:
+    """Perplexity of ``model`` on a 1-D token tensor (see module docstring for the protocol)."""
+    device = next(model.parameters()).device
+    win = windows(tokens, seqlen, max_windows)
+    nll_sum = 0.0
+    count = 0
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, len(win), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = win[i:i + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        # The loss is computed in fp32 from shifted logits, like the reference protocol.
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+            reduction="sum")
+        nll_sum += loss.item()
+        count += batch[:, 1:].numel()
+    elapsed = time.perf_counter() - t0
+    mean_nll = nll_sum / count
+    return {
+        "ppl": math.exp(mean_nll),
+        "nll": mean_nll,
+        "n_windows": len(win),
+        "n_tokens": int(win.numel()),
+        "n_predicted": count,
+        "seqlen": seqlen,
+        "protocol": PROTOCOL,
+        "seconds": elapsed,
+        "tokens_per_s": win.numel() / elapsed if elapsed > 0 else None,
+    }

@@ -1,0 +1,183 @@
+"""Uniform affine quantization: the primitive every integer method builds on.
+
+Conventions (shared by all methods, the packed layout and the kernels):
+
+* integer codes ``q`` are unsigned in ``[0, 2**bits - 1]``;
+* ``x ≈ (q - zero) * scale``; symmetric quantization uses the GPTQ convention
+  ``scale = 2*absmax / (2**bits - 1)`` and the constant midpoint ``zero = 2**(bits-1)``, which keeps
+  the full code range usable and matches the reference implementations;
+* asymmetric: ``scale = (max - min) / (2**bits - 1)``, ``zero = round(-min / scale)``;
+* weights are quantized along the input dimension (last axis) per output row ("per-channel"),
+  per group of ``group_size`` consecutive inputs, or per tensor;
+* activations are quantized dynamically per token (last axis) or per tensor.
+
+For in-range values the round-trip error is at most ``scale / 2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "WeightQuantSpec",
+    "compute_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "quantize_weight",
+    "fake_quantize_weight",
+    "fake_quantize_activation",
+    "check_bits",
+]
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+
+
+def check_bits(bits: int, key: str = "bits", lo: int = 2, hi: int = 8) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not lo <= bits <= hi:
+        raise ValueError(f"{key}={bits!r}: allowed values are integers {lo}..{hi}")
+    return bits
+
+
+def compute_qparams(
+    xmin: torch.Tensor,
+    xmax: torch.Tensor,
+    bits: int,
+    sym: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (both float tensors) from per-slice min/max."""
+    maxq = 2**bits - 1
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    if sym:
+        absmax = torch.maximum(xmin.abs(), xmax)
+        scale = 2 * absmax / maxq
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        scale = (xmax - xmin) / maxq
+        zero = None
+    # Degenerate (all-zero) slices: any scale works, pick 1 so dequantization is exact.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if zero is None:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (same dtype as ``x``, integral values in [0, 2**bits-1])."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero) * scale
+
+
+def fake_quantize(x, scale, zero, bits):
+    return dequantize(quantize(x, scale, zero, bits), scale, zero)
+
+
+@dataclass(frozen=True)
+class WeightQuantSpec:
+    """How a weight matrix [out, in] is quantized."""
+
+    bits: int = 4
+    sym: bool = False
+    group_size: int = -1  # -1: per output channel (one group spanning all inputs); 0: per tensor
+    clip_ratio: float = 1.0  # shrink min/max before computing the scale (1.0 = no clipping)
+
+    @property
+    def granularity(self) -> str:
+        if self.group_size == 0:
+            return "per_tensor"
+        return "per_channel" if self.group_size == -1 else "per_group"
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size in (-1, 0) else in_features // self.group_size
+
+    def group_len(self, in_features: int) -> int:
+        return in_features if self.group_size in (-1, 0) else self.group_size
+
+
+def _grouped(w: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
+    out_f, in_f = w.shape
+    if spec.group_size == 0:
+        return w.reshape(1, 1, -1)
+    g = spec.group_len(in_f)
+    if in_f % g:
+        raise ValueError(f"group_size={g} does not divide in_features={in_f}")
+    return w.reshape(out_f, in_f // g, g)
+
+
+def weight_qparams(w: torch.Tensor, spec: WeightQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale/zero of shape [out, n_groups] (per-tensor: [1, 1])."""
+    wg = _grouped(w.float(), spec)
+    xmin = wg.amin(dim=-1) * spec.clip_ratio
+    xmax = wg.amax(dim=-1) * spec.clip_ratio
+    return compute_qparams(xmin, xmax, spec.bits, spec.sym)
+
+
+def quantize_weight(
+    w: torch.Tensor, spec: WeightQuantSpec, scale=None, zero=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(codes [out,in] uint8, scale [out,G], zero [out,G])``.
+
+    Per-tensor parameters are broadcast to ``[out, 1]`` so every layout stores per-row groups.
+    """
+    if scale is None:
+        scale, zero = weight_qparams(w, spec)
+    wg = _grouped(w.float(), spec)
+    q = quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits)
+    out_f, in_f = w.shape
+    q = q.reshape(out_f, in_f).to(torch.uint8)
+    if spec.group_size == 0:
+        scale = scale.reshape(1, 1).expand(out_f, 1).contiguous()
+        zero = zero.reshape(1, 1).expand(out_f, 1).contiguous()
+    return q, scale, zero
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize codes [out, in] with per-group params [out, G].
+
+    ``g_idx`` (length ``in``) maps each input column to its group (GPTQ act-order layouts);
+    without it groups are consecutive blocks of ``in // G`` columns.
+    """
+    out_f, in_f = q.shape
+    n_groups = scale.shape[1]
+    if g_idx is None:
+        g = in_f // n_groups
+        qf = q.float().reshape(out_f, n_groups, g)
+        return ((qf - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)).reshape(out_f, in_f)
+    gi = g_idx.long()
+    return (q.float() - zero.float()[:, gi]) * scale.float()[:, gi]
+
+
+def fake_quantize_weight(w: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
+    q, s, z = quantize_weight(w, spec)
+    return dequantize_weight(q, s, z).to(w.dtype)
+
+
+def fake_quantize_activation(
+    x: torch.Tensor, bits: int, granularity: str = "per_token", sym: bool = True,
+    clip_ratio: float = 1.0,
+) -> torch.Tensor:
+    """Dynamic activation quantization (quantize + dequantize) over the last axis.
+
+    ``per_token``: one scale per row of the flattened [tokens, hidden] activation;
+    ``per_tensor``: one scale for the whole tensor (dynamic).
+    """
+    if bits >= 16:
+        return x
+    xf = x.float()
+    if granularity == "per_token":
+        xmin = xf.amin(dim=-1, keepdim=True) * clip_ratio
+        xmax = xf.amax(dim=-1, keepdim=True) * clip_ratio
+    elif granularity == "per_tensor":
+        xmin = xf.amin() * clip_ratio
+        xmax = xf.amax() * clip_ratio
+    else:
+        raise ValueError(f"a_granularity={granularity!r}: allowed values are 'per_token', 'per_tensor'")
+    scale, zero = compute_qparams(xmin, xmax, bits, sym)
+    return fake_quantize(xf, scale, zero, bits).to(x.dtype)
