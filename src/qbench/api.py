@@ -1,0 +1,198 @@
+"""The few entry points that both the CLI and the Snakemake scripts call: one road to the library."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPES, is_checkpoint, load_checkpoint, save_checkpoint
+from .methods.base import QuantContext, get_method, parse_recipe
+from .provenance import hash_obj, provenance
+
+
+def pick_device(device: str | None = None) -> str:
+    """``auto`` → the GPU this job was given (CUDA_VISIBLE_DEVICES) or the CPU."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def load_for_eval(path: str | Path, *, dtype: str = "float32", device: str = "cpu"):
+    """Load a qbench checkpoint or a plain HF model directory: ``(model, tokenizer, manifest)``."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return load_checkpoint(path, dtype=dtype, device=device)
+    from .models.loading import load_model
+
+    model, tok = load_model(path, dtype=dtype, device=device)
+    return model, tok, {"recipe": [], "modules": {}, "effective_bits": 16.0, "inputs": {}}
+
+
+def _calibration_provider(calib_dirs: dict[str, str], tokens_cache: dict):
+    from .data.corpora import calibration_hash, sample_calibration
+
+    def calibration(corpus: str, n: int, seqlen: int, seed: int) -> torch.Tensor:
+        if corpus not in calib_dirs:
+            raise ValueError(f"calibration corpus {corpus!r} is not available to this step; "
+                             f"configured corpora: {', '.join(sorted(calib_dirs)) or 'none'}")
+        key = (corpus, n, seqlen, seed)
+        if key not in tokens_cache:
+            tokens_cache[key] = sample_calibration(calib_dirs[corpus], n, seqlen, seed)
+            tokens_cache.setdefault("_hashes", {})[f"{corpus}-{n}x{seqlen}-s{seed}"] = \
+                calibration_hash(calib_dirs[corpus], n, seqlen, seed)
+        return tokens_cache[key]
+
+    return calibration
+
+
+def _calib_stats_provider(stats_dirs: dict[str, str], calibration, model_ref: dict):
+    def calib_stats(corpus: str, n: int, seqlen: int, seed: int):
+        key = f"{corpus}-{n}x{seqlen}-s{seed}"
+        if key in stats_dirs:
+            from .calib.stats import load_stats
+
+            return load_stats(Path(stats_dirs[key]) / "stats.safetensors")
+        from .calib.stats import collect_act_stats
+
+        return collect_act_stats(model_ref["model"], calibration(corpus, n, seqlen, seed),
+                                 device=model_ref["device"], progress=model_ref["progress"])
+
+    return calib_stats
+
+
+def check_recipe(model, recipe: list | None, key: str = "recipe"):
+    """Parse and check a recipe against a model's shapes (cheap; raises ConfigError)."""
+    stages = parse_recipe(recipe, key)
+    for i, st in enumerate(stages):
+        get_method(st.method).check(model, st.config, f"{key}[{i}].{st.method}")
+    return stages
+
+
+def quantize(model_dir: str | Path, recipe: list | None, out_dir: str | Path, *,
+             calib_dirs: dict[str, str] | None = None, stats_dirs: dict[str, str] | None = None,
+             dtype: str = "float32", device: str | None = None, progress: bool = True,
+             recipe_name: str | None = None, log=print) -> dict:
+    """Apply ``recipe`` to the model in ``model_dir`` and write a checkpoint to ``out_dir``."""
+    from .models.loading import load_model
+
+    device = pick_device(device)
+    t_load = time.perf_counter()
+    model, tok = load_model(model_dir, dtype=dtype, device=device)
+    stages = check_recipe(model, recipe, f"recipes.{recipe_name}" if recipe_name else "recipe")
+    tokens_cache: dict = {}
+    calibration = _calibration_provider(calib_dirs or {}, tokens_cache)
+    ref = {"model": model, "device": device, "progress": progress}
+    ctx = QuantContext(tokenizer=tok, device=device, calibration=calibration,
+                       calib_stats=_calib_stats_provider(stats_dirs or {}, calibration, ref),
+                       progress=progress, log=log)
+    stage_stats = []
+    t0 = time.perf_counter()
+    for i, st in enumerate(stages):
+        t = time.perf_counter()
+        log(f"[qbench] stage {i}: {st.method} {json.dumps(st.config.to_dict(), default=str)}")
+        s = get_method(st.method).apply(model, st.config, ctx) or {}
+        stage_stats.append({"method": st.method, "seconds": time.perf_counter() - t, **s})
+    quant_seconds = time.perf_counter() - t0
+    resolved = [s.to_dict() for s in stages]
+    card_path = Path(model_dir) / "qbench_model_card.json"
+    card = json.loads(card_path.read_text()) if card_path.exists() else {}
+    inputs = {
+        "model_dir": str(model_dir),
+        "model_source_hash": card.get("source_hash"),
+        "recipe_hash": hash_obj(resolved),
+        "calibration": tokens_cache.get("_hashes", {}),
+    }
+    return save_checkpoint(model, tok, out_dir, recipe=resolved, inputs=inputs,
+                           stats={"stages": stage_stats, "quantize_seconds": quant_seconds,
+                                  "load_seconds": t0 - t_load, "recipe_name": recipe_name},
+                           device=device)
+
+
+def _atomic_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def base_record(kind: str, manifest: dict, *, model: str | None, recipe: str | None, device: str,
+                dtype: str, execution: str | None = None, **extra) -> dict:
+    stats = manifest.get("stats", {})
+    return {
+        "kind": kind,
+        "model": model,
+        "recipe": recipe,
+        "recipe_resolved": manifest.get("recipe", []),
+        "recipe_hash": manifest.get("inputs", {}).get("recipe_hash") or hash_obj(manifest.get("recipe", [])),
+        "effective_bits": manifest.get("effective_bits", 16.0),
+        "quantize_seconds": stats.get("quantize_seconds"),
+        "calibration": manifest.get("inputs", {}).get("calibration", {}),
+        "execution": execution or ("packed checkpoint: dequantize + dense matmul (reference path)"
+                                   if manifest.get("modules") else "fp (no quantized modules)"),
+        "eval_dtype": dtype,
+        "provenance": provenance(device),
+        **extra,
+    }
+
+
+def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, str] | None = None, *,
+                 seqlen: int = 2048, max_windows: int | None = None, dtype: str = "float32",
+                 device: str | None = None, batch_size: int = 1, progress: bool = True,
+                 model_name: str | None = None, recipe_name: str | None = None) -> dict[str, dict]:
+    """Perplexity of a checkpoint/model on each corpus dir (its ``test.npy``); one record each."""
+    from .data.corpora import load_tokens
+    from .eval.ppl import perplexity
+
+    device = pick_device(device)
+    model, _, manifest = load_for_eval(path, dtype=dtype, device=device)
+    records = {}
+    for name, cdir in corpora.items():
+        res = perplexity(model, load_tokens(cdir, "test"), seqlen, max_windows, batch_size, progress,
+                         desc=f"ppl {recipe_name or ''} {name}".strip())
+        cjson = Path(cdir) / "corpus.json"
+        corpus_meta = json.loads(cjson.read_text()) if cjson.exists() else {}
+        rec = base_record("ppl", manifest, model=model_name, recipe=recipe_name, device=device,
+                          dtype=dtype, corpus=name, metrics=res,
+                          corpus_hash=corpus_meta.get("sha256", {}).get("test.npy")
+                          if isinstance(corpus_meta.get("sha256"), dict) else None,
+                          eval={"seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size})
+        records[name] = rec
+        if outputs and name in outputs:
+            _atomic_json(outputs[name], rec)
+    return records
+
+
+def evaluate_ppl_text(path: str | Path, text_file: str | Path, *, seqlen: int = 2048,
+                      max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
+                      progress: bool = True) -> dict:
+    """Perplexity of a checkpoint/model on a raw text file (tokenized with the model's tokenizer)."""
+    from .eval.ppl import perplexity
+
+    device = pick_device(device)
+    model, tok, manifest = load_for_eval(path, dtype=dtype, device=device)
+    if tok is None:
+        raise ValueError(f"{path} has no tokenizer; cannot tokenize {text_file}")
+    text = Path(text_file).read_text(encoding="utf-8")
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    res = perplexity(model, ids, seqlen, max_windows, 1, progress)
+    return base_record("ppl", manifest, model=str(path), recipe=None, device=device, dtype=dtype,
+                       corpus=str(text_file), metrics=res,
+                       eval={"seqlen": seqlen, "max_windows": max_windows, "batch_size": 1})
+
+
+def write_record(path: str | Path, record: dict) -> None:
+    _atomic_json(path, record)
+
+
+__all__ = ["quantize", "evaluate_ppl", "evaluate_ppl_text", "load_for_eval", "check_recipe",
+           "pick_device", "set_threads", "write_record", "DTYPES"]

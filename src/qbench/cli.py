@@ -1,0 +1,159 @@
+"""``qbench`` command line: every workflow step is also a command.
+
+    qbench info                                   methods, their arguments and defaults
+    qbench prepare-model --source JSON --out DIR  model → HF safetensors directory
+    qbench corpus NAME --source JSON --tokenizer DIR --out DIR
+    qbench quantize --model DIR --recipe YAML --out DIR [--calib NAME=DIR ...]
+    qbench eval ppl --model PATH --text FILE [--seqlen N] [--max-windows K] [--json OUT]
+    qbench report --model NAME --out DIR RECORD.json ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def _yaml_or_json(s: str):
+    import yaml
+
+    p = Path(s)
+    text = p.read_text() if p.exists() else s
+    return yaml.safe_load(text)
+
+
+def cmd_info(a) -> int:
+    from .methods.base import available_methods, get_method
+
+    for name in available_methods():
+        m = get_method(name)
+        print(f"{name}  ({m.kind})")
+        for f in dataclasses.fields(m.Config):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            extra = ""
+            if "choices" in f.metadata:
+                extra = f" choices={list(f.metadata['choices'])}"
+            elif "range" in f.metadata:
+                extra = f" range={list(f.metadata['range'])}"
+            print(f"    {f.name:<16} = {default!r:<12} {f.metadata.get('doc', '')}{extra}")
+    return 0
+
+
+def cmd_prepare(a) -> int:
+    from .models.loading import prepare_model
+
+    card = prepare_model(_yaml_or_json(a.source), a.out)
+    print(json.dumps(card, indent=2, default=str))
+    return 0
+
+
+def cmd_corpus(a) -> int:
+    from .data.corpora import build_corpus
+
+    meta = build_corpus(a.name, _yaml_or_json(a.source), a.out, tokenizer_dir=a.tokenizer,
+                        eval_fraction=a.eval_fraction, seed=a.seed)
+    print(json.dumps(meta, indent=2, default=str))
+    return 0
+
+
+def cmd_quantize(a) -> int:
+    from .api import quantize
+
+    recipe = _yaml_or_json(a.recipe)
+    calib = dict(kv.split("=", 1) for kv in a.calib)
+    man = quantize(a.model, recipe, a.out, calib_dirs=calib, dtype=a.dtype, device=a.device,
+                   recipe_name=a.name)
+    print(f"wrote {a.out}: effective bits {man['effective_bits']:.3f}, "
+          f"{man['stats']['quantize_seconds']:.1f}s")
+    return 0
+
+
+def cmd_eval_ppl(a) -> int:
+    from .api import evaluate_ppl_text, set_threads, write_record
+
+    set_threads(a.threads)
+    rec = evaluate_ppl_text(a.model, a.text, seqlen=a.seqlen, max_windows=a.max_windows,
+                            dtype=a.dtype, device=a.device)
+    m = rec["metrics"]
+    print(f"ppl {m['ppl']:.4f}  ({m['n_windows']} windows × {m['seqlen']} tokens, {m['protocol']}, "
+          f"{m['tokens_per_s']:.0f} tok/s)")
+    if a.json:
+        write_record(a.json, rec)
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .report.tables import build_report
+
+    paths = build_report(a.records, a.out, model=a.model)
+    print("\n".join(paths.values()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qbench", description="LLM quantization benchmark")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    sub.add_parser("info", help="list methods and their arguments").set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("prepare-model", help="materialize a model as an HF safetensors directory")
+    s.add_argument("--source", required=True, help='YAML/JSON or file, e.g. "{kind: local, path: DIR}"')
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("corpus", help="build calibration/evaluation splits of a corpus")
+    s.add_argument("name")
+    s.add_argument("--source", required=True)
+    s.add_argument("--tokenizer", required=True, help="model directory whose tokenizer to use")
+    s.add_argument("--out", required=True)
+    s.add_argument("--eval-fraction", type=float, default=0.5)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_corpus)
+
+    s = sub.add_parser("quantize", help="apply a recipe and write a checkpoint")
+    s.add_argument("--model", required=True, help="HF model directory")
+    s.add_argument("--recipe", required=True, help="YAML/JSON list of stages, or a file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--calib", action="append", default=[], metavar="NAME=CORPUS_DIR")
+    s.add_argument("--name", default=None, help="recipe name (for records)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device", default="auto")
+    s.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluations").add_subparsers(dest="what", required=True)
+    s = e.add_parser("ppl", help="token-level perplexity (GPTQ protocol) on a text file")
+    s.add_argument("--model", required=True, help="HF model directory or qbench checkpoint")
+    s.add_argument("--text", required=True)
+    s.add_argument("--seqlen", type=int, default=2048)
+    s.add_argument("--max-windows", type=int, default=None)
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device", default="auto")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--json", default=None, help="write the record here")
+    s.set_defaults(fn=cmd_eval_ppl)
+
+    s = sub.add_parser("report", help="tables and figures from records")
+    s.add_argument("records", nargs="+")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .methods.base import ConfigError
+
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"qbench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Glue between Snakemake and the library: config resolution (checked before any job) and the job
+context every ``workflow/scripts/*.py`` uses (log redirection, threads, GPU slot)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+from .methods.base import ConfigError, get_method, parse_recipe
+
+MODEL_SOURCES = ("gguf-package", "local", "hf")
+CORPUS_SOURCES = ("wiki", "news", "local", "hf")
+
+
+def _check_source(kind_allowed, src: dict, key: str) -> None:
+    kind = src.get("kind")
+    if kind not in kind_allowed:
+        raise ConfigError(f"{key}.kind={kind!r}: allowed values are {', '.join(kind_allowed)}")
+    if kind == "local":
+        path = src.get("path")
+        if not path or not Path(path).exists():
+            raise ConfigError(f"{key}.path={path!r}: no such file or directory")
+
+
+def resolve_config(config: dict) -> dict:
+    """Validate cross-references and resolve every recipe; raise ConfigError naming the key."""
+    for name, m in config.get("models", {}).items():
+        _check_source(MODEL_SOURCES, m.get("source", {}), f"models.{name}.source")
+    corpora = config.get("corpora", {})
+    for name, c in corpora.items():
+        _check_source(CORPUS_SOURCES, c.get("source", {}), f"corpora.{name}.source")
+    for c in config.get("eval", {}).get("ppl", {}).get("corpora", []):
+        if c not in corpora:
+            raise ConfigError(f"eval.ppl.corpora: unknown corpus {c!r}; configured corpora: "
+                              f"{', '.join(corpora) or 'none'}")
+    recipes, calib = {}, {}
+    for name, raw in (config.get("recipes") or {}).items():
+        key = f"recipes.{name}"
+        stages = parse_recipe(raw, key)
+        recipes[name] = [s.to_dict() for s in stages]
+        needs = []
+        for i, st in enumerate(stages):
+            for req in get_method(st.method).calib_requests(st.config):
+                if req["corpus"] not in corpora:
+                    raise ConfigError(f"{key}[{i}].{st.method}.calib={req['corpus']!r}: unknown corpus; "
+                                      f"configured corpora: {', '.join(corpora) or 'none'}")
+                if req["corpus"] not in needs:
+                    needs.append(req["corpus"])
+        calib[name] = needs
+    select = config.get("select") or {}
+    chosen = {}
+    for what, pool in (("models", config.get("models", {})), ("recipes", recipes)):
+        names = select.get(what) or list(pool)
+        bad = [n for n in names if n not in pool]
+        if bad:
+            raise ConfigError(f"select.{what}: unknown {what[:-1]} {bad[0]!r}; configured: {', '.join(pool)}")
+        chosen[what] = names
+    return {"recipes": recipes, "calib_corpora": calib, "models": chosen["models"],
+            "selected_recipes": chosen["recipes"]}
+
+
+@contextlib.contextmanager
+def job(smk, gpu: bool = False):
+    """Run a script's body with stdout/stderr and logging sent to the rule's log file, the thread
+    count applied, and (for GPU rules) a GPU slot claimed before CUDA is initialised."""
+    log_path = Path(str(smk.log[0])) if smk.log else None
+    stream = open(log_path, "a", buffering=1) if log_path else None
+    old = sys.stdout, sys.stderr
+    if stream:
+        sys.stdout = sys.stderr = stream
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
+    slot = None
+    try:
+        if gpu:
+            from .gpu import acquire_gpu
+
+            slot = acquire_gpu()
+            print(f"[qbench] device slot: {slot.device or 'cpu (no GPU visible)'}")
+        import torch
+
+        torch.set_num_threads(max(1, int(smk.threads)))
+        yield
+    finally:
+        if slot:
+            slot.release()
+        if stream:
+            sys.stdout, sys.stderr = old
+            stream.close()

@@ -1,0 +1,92 @@
+"""Quantizer, packing and QuantLinear: error bounds and exact equivalences."""
+import pytest
+import torch
+
+from qbench.modules.qlinear import ActQuantLinear, QuantLinear
+from qbench.quant.packing import pack, packed_words, unpack
+from qbench.quant.uniform import (WeightQuantSpec, dequantize_weight, fake_quantize_activation,
+                                  quantize_weight, weight_qparams)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [-1, 0, 16])
+def test_quantizer_error_at_most_half_scale(bits, sym, group_size):
+    g = torch.Generator().manual_seed(bits * 7 + group_size)
+    w = torch.randn(24, 64, generator=g) * 0.3
+    spec = WeightQuantSpec(bits, sym, group_size)
+    q, s, z = quantize_weight(w, spec)
+    assert q.max() <= 2**bits - 1
+    deq = dequantize_weight(q, s, z)
+    n_groups = s.shape[1]
+    bound = s.repeat_interleave(64 // n_groups, dim=1) / 2
+    assert ((w - deq).abs() <= bound + 1e-6).all()
+
+
+def test_clipping_shrinks_range_and_scale():
+    w = torch.randn(8, 64)
+    s1, _ = weight_qparams(w, WeightQuantSpec(4, False, -1, 1.0))
+    s2, _ = weight_qparams(w, WeightQuantSpec(4, False, -1, 0.8))
+    torch.testing.assert_close(s2, s1 * 0.8)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("n", [32, 64, 100, 576])
+def test_pack_unpack_round_trip(bits, n):
+    q = torch.randint(0, 2**bits, (7, n), generator=torch.Generator().manual_seed(n + bits))
+    p = pack(q, bits)
+    assert p.dtype == torch.int32 and p.shape == (7, packed_words(n, bits))
+    assert torch.equal(unpack(p, bits, n), q.to(torch.uint8))
+
+
+def test_pack_layout_4bit_is_gptq_nibble_order():
+    q = torch.arange(32).remainder(16).reshape(1, 32)
+    p = pack(q, 4)
+    # value i sits in bits [4i, 4i+4) of the row's little-endian stream
+    assert p[0, 0].item() == int("".join(f"{v:x}" for v in reversed(range(8))), 16)
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError):
+        pack(torch.tensor([[16]]), 4)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, -1), (8, -1), (2, 16)])
+def test_quantlinear_forward_equals_dequantized_reference(bits, group, sym):
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    b = torch.randn(48)
+    spec = WeightQuantSpec(bits, sym, group)
+    q, s, z = quantize_weight(w, spec)
+    s = s.half().float()
+    ql = QuantLinear.from_codes(q, s, z, spec, bias=b)
+    x = torch.randn(5, 64)
+    ref = x @ dequantize_weight(q, s, z).T + b
+    torch.testing.assert_close(ql(x), ref, rtol=0, atol=1e-5)
+    assert ql.storage_bits() == 48 * 64 * bits + s.numel() * 16 + (0 if sym else z.numel() * bits)
+
+
+def test_quantlinear_act_quant_and_dtype_cast_keep_scales():
+    torch.manual_seed(0)
+    w = torch.randn(16, 32)
+    spec = WeightQuantSpec(4, False, 32)
+    q, s, z = quantize_weight(w, spec)
+    ql = QuantLinear.from_codes(q, s.half().float(), z, spec, a_bits=8)
+    x = torch.randn(3, 32)
+    ref = fake_quantize_activation(x, 8, "per_token") @ ql.dequantized_weight().T
+    torch.testing.assert_close(ql(x), ref)
+    scales = ql.scales.clone()
+    ql.to(torch.bfloat16)
+    assert ql.scales.dtype == torch.float16 and torch.equal(ql.scales, scales)
+    assert ql(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_activation_quant_per_token_error_bound():
+    x = torch.randn(10, 64) * torch.linspace(0.1, 5, 10)[:, None]
+    xq = fake_quantize_activation(x, 8, "per_token", sym=True)
+    absmax = x.abs().amax(-1, keepdim=True)
+    assert ((x - xq).abs() <= absmax / 255 + 1e-6).all()
+    lin = torch.nn.Linear(64, 8, bias=False)
+    al = ActQuantLinear.from_linear(lin, a_bits=8)
+    torch.testing.assert_close(al(x), xq @ lin.weight.T)
