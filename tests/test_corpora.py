@@ -100,7 +100,7 @@ def test_wiki_deterministic(wiki, tmp_path, tok_dir):
 
 def test_news_corpus(news, tokenizer, tmp_path, tok_dir):
     meta = _check_files(news, tokenizer)
-    assert meta["n_docs"]["calib"] + meta["n_docs"]["test"] + meta["dropped"]["duplicates"] == 300 - 1
+    assert meta["n_docs"]["calib"] + meta["n_docs"]["test"] + meta["dropped"]["duplicates"] == 300
     _assert_disjoint_split("news", {"kind": "news"}, meta)
     again = build_corpus("news", {"kind": "news"}, tmp_path / "n2", tokenizer_dir=tok_dir,
                          progress=False)
