@@ -157,14 +157,16 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
     model, _, manifest = load_for_eval(path, dtype=dtype, device=device)
     records = {}
     for name, cdir in corpora.items():
-        res = perplexity(model, load_tokens(cdir, "test"), seqlen, max_windows, batch_size, progress,
-                         desc=f"ppl {recipe_name or ''} {name}".strip())
         cjson = Path(cdir) / "corpus.json"
         corpus_meta = json.loads(cjson.read_text()) if cjson.exists() else {}
+        # A corpus protocol may cap the windows (GPTQ's C4 evaluation scores 256 windows).
+        cap = corpus_meta.get("eval_max_windows")
+        windows_cap = min(x for x in (max_windows, cap) if x) if (max_windows or cap) else None
+        res = perplexity(model, load_tokens(cdir, "test"), seqlen, windows_cap, batch_size, progress,
+                         desc=f"ppl {recipe_name or ''} {name}".strip())
         rec = base_record("ppl", manifest, model=model_name, recipe=recipe_name, device=device,
                           dtype=dtype, corpus=name, metrics=res,
-                          corpus_hash=corpus_meta.get("sha256", {}).get("test.npy")
-                          if isinstance(corpus_meta.get("sha256"), dict) else None,
+                          corpus_hash=(corpus_meta.get("files") or {}).get("test.npy"),
                           eval={"seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size})
         records[name] = rec
         if outputs and name in outputs:

@@ -1,0 +1,114 @@
+"""The real Snakefile end to end on a smoke config (tiny Llama, tiny corpus), plus DAG checks on the
+default config, re-run behaviour and config errors surfaced before any job runs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def smk(workdir, *args, check=True, timeout=900):
+    cmd = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(workdir), *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"snakemake failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    from qbench.data.corpora import news_documents
+    from qbench.models.tiny import make_tiny_llama
+
+    wd = tmp_path_factory.mktemp("smoke")
+    make_tiny_llama(wd / "tiny-llama", hidden=64, layers=2, seed=0)
+    (wd / "tiny-corpus.txt").write_text("\n\n".join(news_documents()[:80]))
+    overlay = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    overlay["models"]["tiny"]["source"]["path"] = str(wd / "tiny-llama")
+    overlay["corpora"]["tiny"]["source"]["path"] = str(wd / "tiny-corpus.txt")
+    (wd / "smoke.yaml").write_text(yaml.safe_dump(overlay))
+    (wd / "config.yaml").write_text((ROOT / "config.yaml").read_text())
+    smk(wd, "--configfile", str(wd / "smoke.yaml"), "--cores", "2", "--resources", "gpu=2")
+    return wd
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_produces_records_tables_and_report(smoke):
+    wd = smoke
+    table = (wd / "reports/tiny/tables/perplexity.csv").read_text()
+    for recipe in ("fp", "w8-rtn", "w4-rtn-g32", "w8a8-rtn"):
+        assert recipe in table
+        rec = json.loads((wd / f"results/tiny/{recipe}/eval/ppl-tiny.json").read_text())
+        assert rec["metrics"]["n_windows"] == 4 and rec["metrics"]["seqlen"] == 64
+        assert rec["provenance"]["versions"]["torch"]
+        assert rec["recipe_resolved"] == json.loads(
+            (wd / f"results/tiny/{recipe}/checkpoint/qbench.json").read_text())["recipe"]
+    fp = json.loads((wd / "results/tiny/fp/eval/ppl-tiny.json").read_text())["metrics"]["ppl"]
+    w8 = json.loads((wd / "results/tiny/w8-rtn/eval/ppl-tiny.json").read_text())["metrics"]["ppl"]
+    assert abs(w8 / fp - 1) < 0.01
+    assert (wd / "reports/tiny/figures/ppl_vs_bits.png").stat().st_size > 5000
+    assert "| w4-rtn-g32" in (wd / "reports/tiny/README.md").read_text()
+
+
+@pytest.mark.slow
+def test_rerun_is_noop_and_recipe_change_reruns_only_its_branch(smoke):
+    wd = smoke
+    p = smk(wd, "--configfile", str(wd / "smoke.yaml"), "-n", "--cores", "1")
+    assert "Nothing to be done" in p.stdout + p.stderr
+    overlay = yaml.safe_load((wd / "smoke.yaml").read_text())
+    overlay["recipes"]["w4-rtn-g32"] = [{"rtn": {"w_bits": 4, "group_size": 16}}]
+    (wd / "changed.yaml").write_text(yaml.safe_dump(overlay))
+    p = smk(wd, "--configfile", str(wd / "changed.yaml"), "-n", "--cores", "1", "--quiet", "rules")
+    out = p.stdout + p.stderr
+    counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
+              if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert counts.get("quantize") == 1 and counts.get("eval_ppl") == 1 and counts.get("report") == 1
+    assert "prepare_model" not in counts and "corpus" not in counts
+
+
+@pytest.mark.slow
+def test_html_report(smoke):
+    wd = smoke
+    smk(wd, "--configfile", str(wd / "smoke.yaml"), "--report", str(wd / "report.html"))
+    html = (wd / "report.html").read_text()
+    assert len(html) > 50_000 and "ppl_vs_bits" in html
+
+
+def test_default_config_dry_run_and_lint(tmp_path):
+    (tmp_path / "config.yaml").write_text((ROOT / "config.yaml").read_text())
+    p = smk(tmp_path, "-n", "--cores", "2", "--quiet", "rules")
+    out = p.stdout + p.stderr
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    assert f"quantize        {len(cfg['recipes'])}" in out or f"quantize {len(cfg['recipes'])}" in " ".join(out.split())
+    lint = smk(tmp_path, "--lint", check=False)
+    assert "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+
+
+BAD = [
+    ({"recipes": {"x": [{"rtnn": {}}]}}, "recipes.x[0]: unknown method 'rtnn'; allowed:"),
+    ({"recipes": {"x": [{"rtn": {"w_bit": 4}}]}}, "recipes.x[0].rtn: unknown argument(s) 'w_bit'; allowed: w_bits"),
+    ({"recipes": {"x": [{"rtn": {"w_bits": 1}}]}}, "recipes.x[0].rtn.w_bits=1: allowed values are 2, 3, 4, 5, 6, 8, 16"),
+    ({"corpora": {"c": {"source": {"kind": "ftp"}}}}, "'ftp' is not one of ['wiki', 'news', 'local', 'hf']"),
+    ({"models": {"m": {"source": {"kind": "s3"}}}}, "'s3' is not one of ['gguf-package', 'local', 'hf']"),
+    ({"models": {"m": {"source": {"kind": "local", "path": "/nonexistent/model"}}}},
+     "models.m.source.path='/nonexistent/model': no such file or directory"),
+    ({"eval": {"ppl": {"corpora": ["nope"]}}}, "eval.ppl.corpora: unknown corpus 'nope'; configured corpora: wiki, news"),
+    ({"eval": {"ppl": {"corpora": ["wiki"], "dtype": "fp8"}}}, "'fp8' is not one of ['float32', 'bfloat16', 'float16']"),
+]
+
+
+@pytest.mark.parametrize("overlay,message", BAD)
+def test_config_errors_are_reported_before_any_job(tmp_path, overlay, message):
+    (tmp_path / "config.yaml").write_text((ROOT / "config.yaml").read_text())
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(overlay))
+    p = smk(tmp_path, "--configfile", str(tmp_path / "bad.yaml"), "-n", "--cores", "1", check=False)
+    assert p.returncode != 0
+    assert message in p.stdout + p.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()

@@ -1,0 +1,37 @@
+# Shared helpers: recipe resolution (validated against the method registry before any job runs),
+# target lists and small accessors. Only values passed through `params:` trigger re-runs, so every
+# knob that changes a result is routed through a params entry below.
+import json
+
+from qbench.workflow import resolve_config
+
+RESOLVED = resolve_config(config)  # raises a clear error naming the bad key before any job
+MODELS = RESOLVED["models"]  # config `select.models` or every model
+RECIPES = RESOLVED["selected_recipes"]  # config `select.recipes` or every recipe
+PPL_CORPORA = config["eval"]["ppl"]["corpora"]
+RUNTIME = config.get("runtime", {})
+
+
+def all_targets():
+    return expand("reports/{model}/README.md", model=MODELS)
+
+
+def recipe_json(wildcards):
+    """The resolved recipe (every default filled), as a canonical JSON string for params."""
+    return json.dumps(RESOLVED["recipes"][wildcards.recipe], sort_keys=True)
+
+
+def calib_corpora(wildcards):
+    """Corpus directories this recipe's stages calibrate on."""
+    names = RESOLVED["calib_corpora"][wildcards.recipe]
+    return {c: f"resources/data/{wildcards.model}/{c}/corpus.json" for c in names}
+
+
+def threads_for(kind):
+    return int(RUNTIME.get("threads", {}).get(kind, 1))
+
+
+wildcard_constraints:
+    model="[A-Za-z0-9][A-Za-z0-9_.+-]*",
+    recipe="[A-Za-z0-9][A-Za-z0-9_.+-]*",
+    corpus="[A-Za-z0-9][A-Za-z0-9_.+-]*",

@@ -1,0 +1,19 @@
+# corpora: calibration/evaluation splits (never overlapping), tokenized once per model.
+
+
+rule corpus:
+    input:
+        card="resources/models/{model}/qbench_model_card.json",
+    output:
+        meta="resources/data/{model}/{corpus}/corpus.json",
+    params:
+        source=lambda wc: json.dumps(config["corpora"][wc.corpus]["source"], sort_keys=True),
+        eval_fraction=lambda wc: config["corpora"][wc.corpus].get("eval_fraction", 0.5),
+        seed=lambda wc: config["corpora"][wc.corpus].get("seed", 0),
+    log:
+        "logs/{model}/corpus-{corpus}.log",
+    threads: 1
+    conda:
+        "../../envs/qbench.yaml"
+    script:
+        "../scripts/corpus.py"

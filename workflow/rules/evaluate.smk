@@ -1,0 +1,28 @@
+# evaluate: one job per (recipe, evaluation); perplexity covers every configured corpus in one job
+# (the model is loaded once) and writes one record per corpus.
+
+
+rule eval_ppl:
+    input:
+        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+        corpora=expand("resources/data/{{model}}/{corpus}/corpus.json", corpus=PPL_CORPORA),
+    output:
+        records=expand("results/{{model}}/{{recipe}}/eval/ppl-{corpus}.json", corpus=PPL_CORPORA),
+    params:
+        corpora=PPL_CORPORA,
+        seqlen=config["eval"]["ppl"]["seqlen"],
+        max_windows=config["eval"]["ppl"].get("max_windows"),
+        dtype=config["eval"]["ppl"].get("dtype", "float32"),
+        batch_size=config["eval"]["ppl"].get("batch_size", 1),
+    log:
+        "logs/{model}/{recipe}/eval_ppl.log",
+    benchmark:
+        "benchmarks/out/{model}/{recipe}/eval_ppl.tsv"
+    threads: threads_for("eval")
+    resources:
+        gpu=1,
+        mem_mb=RUNTIME.get("mem_mb", {}).get("eval", 4000),
+    conda:
+        "../../envs/qbench.yaml"
+    script:
+        "../scripts/eval_ppl.py"

@@ -1,0 +1,25 @@
+# quantize: apply one recipe → cached checkpoint. Re-runs only when the resolved recipe, the
+# model or a calibration corpus changes.
+
+
+rule quantize:
+    input:
+        card="resources/models/{model}/qbench_model_card.json",
+        calib=lambda wc: list(calib_corpora(wc).values()),
+    output:
+        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+    params:
+        recipe=recipe_json,
+        dtype=RUNTIME.get("quantize_dtype", "float32"),
+    log:
+        "logs/{model}/{recipe}/quantize.log",
+    benchmark:
+        "benchmarks/out/{model}/{recipe}/quantize.tsv"
+    threads: threads_for("quantize")
+    resources:
+        gpu=1,
+        mem_mb=RUNTIME.get("mem_mb", {}).get("quantize", 8000),
+    conda:
+        "../../envs/qbench.yaml"
+    script:
+        "../scripts/quantize.py"

@@ -1,0 +1,13 @@
+"""Snakemake script: build one corpus's calibration/evaluation splits, tokenized for one model."""
+import json
+from pathlib import Path
+
+from qbench.workflow import job
+
+with job(snakemake):  # noqa: F821 - injected by Snakemake
+    from qbench.data.corpora import build_corpus
+
+    smk = snakemake  # noqa: F821
+    build_corpus(smk.wildcards.corpus, json.loads(smk.params.source), Path(smk.output.meta).parent,
+                 tokenizer_dir=Path(smk.input.card).parent, eval_fraction=smk.params.eval_fraction,
+                 seed=smk.params.seed)
