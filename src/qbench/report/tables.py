@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pandas as pd
 
-KNOB_KEYS = ("w_bits", "group_size", "a_bits", "k_bits", "v_bits", "bits", "alpha", "sym")
+KV_METHODS = ("kivi", "kvquant")
+ACT_METHODS = ("smoothquant", "llm_int8")
+FAMILIES = ("weight-only", "weight-activation", "KV cache")
 
 
 def describe_recipe(stages: list[dict]) -> dict:
     """Method label and headline knobs of a resolved recipe."""
     if not stages:
-        return {"method": "fp (baseline)", "W": 16, "A": 16, "group": "-"}
+        return {"method": "fp (baseline)", "W": 16, "A": 16, "group": "-", "family": "baseline"}
     names, out = [], {"W": 16, "A": 16, "group": "-"}
     for st in stages:
         (name, args), = st.items()
@@ -24,7 +26,14 @@ def describe_recipe(stages: list[dict]) -> dict:
             out["group"] = "channel" if g == -1 else ("tensor" if g == 0 else g)
         if args.get("a_bits", 16) < 16:
             out["A"] = args["a_bits"]
+        if name in KV_METHODS or args.get("k_bits", 16) < 16 or args.get("kv_bits", 16) < 16:
+            out["KV"] = args.get("k_bits", args.get("bits", args.get("kv_bits")))
+        if name in ACT_METHODS:
+            out["A"] = args.get("a_bits", 8) if name != "smoothquant" else out["A"]
     out["method"] = " → ".join(names)
+    out["family"] = ("KV cache" if "KV" in out else
+                     "weight-activation" if (out["A"] < 16 or any(n in ACT_METHODS for n in names)) else
+                     "weight-only")
     return out
 
 
@@ -53,7 +62,9 @@ def perplexity_table(df: pd.DataFrame, recipe_order: list[str] | None = None) ->
         return pd.DataFrame()
     wide = d.pivot_table(index="recipe", columns="corpus", values="ppl", aggfunc="first")
     wide.columns = [f"ppl {c}" for c in wide.columns]
-    meta = d.groupby("recipe").first()[["method", "W", "A", "group", "effective_bits", "quantize_seconds"]]
+    cols = [c for c in ("family", "method", "W", "A", "KV", "group", "effective_bits", "quantize_seconds")
+            if c in d.columns]
+    meta = d.groupby("recipe").first()[cols]
     t = meta.join(wide)
     order = [r for r in (recipe_order or []) if r in t.index] + sorted(set(t.index) - set(recipe_order or []))
     t = t.loc[order].reset_index().rename(columns={
@@ -65,6 +76,20 @@ def to_markdown(t: pd.DataFrame, floatfmt: str = ".3f") -> str:
     if t.empty:
         return "_no records_\n"
     return t.to_markdown(index=False, floatfmt=floatfmt) + "\n"
+
+
+def family_sections(t: pd.DataFrame) -> list[str]:
+    """One table per method family (the baseline row repeated in each), like the seed's tables."""
+    if t.empty or "family" not in t:
+        return []
+    out = []
+    base = t[t["family"] == "baseline"]
+    for fam in FAMILIES:
+        part = t[t["family"] == fam]
+        if part.empty or t["family"].nunique() <= 2:
+            continue
+        out += [f"### {fam}", "", to_markdown(pd.concat([base, part]).drop(columns=["family"]))]
+    return out
 
 
 def plot_ppl_vs_bits(df: pd.DataFrame, out_png: str | Path, title: str = "") -> None:
@@ -124,6 +149,7 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "`bits/weight` counts everything stored for the decoder-block linear layers "
         "(codes, scales, zeros, indices).", "",
         "## Perplexity", "", md,
+        *family_sections(t),
         "![perplexity vs effective bits](figures/ppl_vs_bits.png)", "",
         f"Records: {len(df)} (one JSON per recipe × evaluation under `results/{model}/`); "
         f"qbench commit(s): {', '.join(commits) or 'unknown'}.", "",
