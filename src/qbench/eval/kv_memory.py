@@ -1,0 +1,83 @@
+"""KV-cache memory: bytes a (quantized) cache really holds after a prefill of N tokens.
+
+For each context length ``N`` a fresh cache (the recipe's, :func:`cache_for_model`) is filled by
+one prefill forward of ``N`` tokens through the model, then :func:`cache_nbytes` sums the storages
+of the tensors it holds (packed codes, fp16 scales/zeros, sparse outliers, full-precision windows).
+Reported beside it:
+
+* ``fp16_bytes``: a plain 16-bit cache of the same model (``2·layers·kv_heads·N·head_dim·2``) —
+  ``ratio_vs_fp16 = measured / fp16_bytes`` is the figure papers quote;
+* ``dense_bytes``: the ``DynamicCache`` of this run's dtype (differs from fp16 for fp32 runs,
+  where the fp windows of the quantized caches are fp32 too);
+* ``expected_bytes``: the layout formula of :mod:`qbench.modules.kv_cache` (equal to the measured
+  value; for KVQuant with the measured number of K outliers).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+from ..modules.kv_cache import cache_for_model, cache_nbytes, expected_nbytes, fp16_nbytes
+
+__all__ = ["kv_memory"]
+
+
+def _dims(model) -> tuple[int, int, int]:
+    tc = model.config.get_text_config(decoder=True)
+    heads = tc.num_attention_heads
+    kv = getattr(tc, "num_key_value_heads", None) or heads
+    hd = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    return tc.num_hidden_layers, kv, hd
+
+
+@torch.inference_mode()
+def kv_memory(model, tokens: torch.Tensor, context_lengths: Sequence[int] = (512, 1024, 2048, 4096),
+              *, cache_factory=None, progress: bool = False) -> dict:
+    """Measure cache bytes at each context length (see the module docstring). ``tokens``: 1-D
+    token ids of an evaluation text (repeated when shorter than a context length)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    tokens = torch.as_tensor(tokens).flatten().long()
+    if tokens.numel() == 0:
+        raise ValueError("kv_memory: no tokens")
+    n_layers, h, d = _dims(model)
+    dtype_bytes = next(p for p in model.parameters() if p.is_floating_point()).element_size()
+    kv = getattr(model, "_qbench_kv", None) or {}
+    cfg = kv.get("config")
+    records = []
+    for n in tqdm(context_lengths, desc="kv memory", disable=not progress, leave=False):
+        n = int(n)
+        reps = -(-n // tokens.numel())
+        ids = tokens.repeat(reps)[:n].unsqueeze(0).to(device)
+        cache = cache_factory(model) if cache_factory else cache_for_model(model)
+        t0 = time.perf_counter()
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        secs = time.perf_counter() - t0
+        measured = cache_nbytes(cache)
+        fp16 = fp16_nbytes(n, n_layers=n_layers, n_kv_heads=h, head_dim=d)
+        dense = fp16_nbytes(n, n_layers=n_layers, n_kv_heads=h, head_dim=d, fp_bytes=dtype_bytes)
+        rec = {"context_length": n, "measured_bytes": measured, "fp16_bytes": fp16,
+               "dense_bytes": dense, "ratio_vs_fp16": measured / fp16, "ratio_vs_dense": measured / dense,
+               "prefill_seconds": secs, "fp_bytes": dtype_bytes}
+        if cfg is not None:
+            k_out = None
+            if kv["method"] == "kvquant":
+                k_out = sum(int(layer.k_val.numel()) for layer in cache.layers
+                            if getattr(layer, "k_val", None) is not None)
+                rec["k_outliers"] = k_out
+                rec["k_outlier_rate"] = k_out / max(1, n_layers * max(n - cfg.first_fp16, 0) * h * d)
+            rec["expected_bytes"] = expected_nbytes(cfg, n, model_config=model.config,
+                                                    fp_bytes=dtype_bytes, k_outliers=k_out)
+            # the same layout with 16-bit full-precision parts (an fp16/bf16 deployment)
+            rec["expected_bytes_fp16"] = expected_nbytes(cfg, n, model_config=model.config, fp_bytes=2,
+                                                         k_outliers=k_out)
+            rec["expected_ratio_vs_fp16"] = rec["expected_bytes_fp16"] / fp16
+        records.append(rec)
+        del cache
+    return {"kv_method": kv.get("method", "fp16"),
+            "config": cfg.to_dict() if cfg is not None else {},
+            "n_layers": n_layers, "n_kv_heads": h, "head_dim": d, "records": records}

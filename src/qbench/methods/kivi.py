@@ -1,0 +1,125 @@
+"""KIVI: tuning-free asymmetric 2/4-bit KV-cache quantization (Liu et al., ICML 2024).
+
+K is quantized per channel (groups of ``group_size`` tokens of one channel share a scale and a
+minimum), V per token (groups of ``group_size`` channels), both asymmetric with fp16 scale/min; the
+most recent ``residual`` tokens stay in full precision (K leaves the window in chunks of
+``group_size`` tokens, V token by token). Quantizers: :mod:`qbench.quant.kv`; packed cache:
+:class:`qbench.modules.kv_cache.KIVICache`.
+
+Two run-time paths, same numbers (they share the quantizers):
+
+* **Generation** (needle, chat): ``cache_for_model(model)`` builds a :class:`KIVICache` from the
+  configuration recorded by :meth:`KIVI.attach` on the model (``model._qbench_kv``); it stores
+  packed codes and hands dequantized K/V to attention. ``prefill_with_quant`` (the seed's switch)
+  decides whether a multi-token prefill attends to its own tokens quantized (True) or in full
+  precision (False, vanilla KIVI; later tokens always read the quantized cache).
+* **Perplexity** (``use_cache=False``): a ``qkv`` hook of :mod:`qbench.modules.attention`
+  (``"kivi.kv"``) replaces K/V of the window by what a KIVI cache holding the window returns — every
+  token but the fp window quantized — so the score reflects the method, as in the seed's perplexity
+  tables (``prefill_with_quant`` does not switch this off: a cache-less forward has no later
+  decode steps for the quantization to show up in). The hook leaves K/V alone when they come
+  from one of our caches (already quantized).
+
+Nothing is stored in the checkpoint; loading re-runs :meth:`KIVI.attach`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..modules import attention as attn
+from ..modules.kv_cache import is_served
+from ..quant.kv import kivi_fake_quant
+from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
+
+KV_BITS = (2, 4, 8, 16)
+HOOK = "kivi.kv"
+
+
+def kv_dims(model: nn.Module) -> tuple[int, int, int]:
+    """``(n_layers, n_kv_heads, head_dim)`` of a decoder config."""
+    tc = model.config.get_text_config(decoder=True)
+    heads = tc.num_attention_heads
+    kv = getattr(tc, "num_key_value_heads", None) or heads
+    hd = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    return tc.num_hidden_layers, kv, hd
+
+
+def check_full_attention(model: nn.Module, key: str) -> None:
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    bad = sorted(set(types) - {"full_attention"})
+    if bad:
+        raise ConfigError(f"{key}: KV-cache quantization supports full-attention layers only; "
+                          f"{type(model).__name__} has layer types {bad}")
+    if not attn.attention_modules(model):
+        raise ConfigError(f"{key}: {type(model).__name__} has no attention modules to hook")
+
+
+def make_kivi_fake_quant(cfg):
+    """``kv_fake_quant(key_states, value_states, layer_idx) -> (k, v)`` for the perplexity path."""
+
+    def kv_fake_quant(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
+        if is_served(key_states):
+            return key_states, value_states
+        return kivi_fake_quant(key_states, value_states, k_bits=cfg.k_bits, v_bits=cfg.v_bits,
+                               group_size=cfg.group_size, residual=cfg.residual)
+
+    return kv_fake_quant
+
+
+def install_kv_hook(model: nn.Module, name: str, kv_fake_quant) -> None:
+    """Register ``kv_fake_quant`` as a ``qkv`` attention hook (changes k and v only)."""
+
+    def hook(module, q, k, v):
+        k, v = kv_fake_quant(k, v, getattr(module, "layer_idx", 0))
+        return q, k, v
+
+    attn.install(model)
+    attn.register_qkv_hook(model, name, hook)
+
+
+@register
+class KIVI(Method):
+    name = "kivi"
+    kind = "kv"
+    runtime = True
+
+    @dataclass
+    class Config(MethodConfig):
+        k_bits: int = opt(2, "key bits (per-channel, asymmetric; 16 = keep)", choices=KV_BITS)
+        v_bits: int = opt(2, "value bits (per-token, asymmetric; 16 = keep)", choices=KV_BITS)
+        group_size: int = opt(32, "tokens per K group / channels per V group", choices=(32, 64, 128))
+        residual: int = opt(128, "most recent tokens kept in full precision (multiple of group_size)",
+                            range=(0, 1 << 20))
+        prefill_with_quant: bool = opt(False, "a generation prefill attends to its own tokens "
+                                       "quantized (true) or in full precision (false, vanilla KIVI)")
+
+        def validate(self, key: str) -> None:
+            if self.residual % self.group_size:
+                raise ConfigError(f"{key}.residual={self.residual}: must be a multiple of "
+                                  f"group_size={self.group_size} (e.g. {self.group_size * 4})")
+
+    def check(self, model: nn.Module, cfg: Config, key: str) -> None:
+        check_full_attention(model, key)
+        _, h, d = kv_dims(model)
+        if cfg.v_bits < 16 and (h * d) % cfg.group_size:
+            ok = [g for g in (32, 64, 128) if (h * d) % g == 0]
+            raise ConfigError(f"{key}.group_size={cfg.group_size} does not divide the value vector "
+                              f"(kv_heads*head_dim={h * d}); sizes that work: {ok or 'none'}")
+
+    def attach(self, model: nn.Module, cfg: Config) -> None:
+        model._qbench_kv = {"method": self.name, "config": cfg}
+        install_kv_hook(model, HOOK, make_kivi_fake_quant(cfg))
+
+    def apply(self, model: nn.Module, cfg: Config, ctx: QuantContext) -> dict:
+        self.attach(model, cfg)
+        n, h, d = kv_dims(model)
+        bits = {"k": cfg.k_bits, "v": cfg.v_bits}
+        # average stored bits per K/V element far from the window (codes + fp16 scale & min)
+        eff = {kv: (b if b >= 16 else b + 32 / cfg.group_size) for kv, b in bits.items()}
+        return {"layers": n, "kv_heads": h, "head_dim": d, "kv_bits_per_value": eff}

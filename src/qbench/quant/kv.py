@@ -1,0 +1,465 @@
+"""KV-cache quantizers: KIVI and KVQuant (tensor-level; the caches live in ``modules/kv_cache.py``).
+
+Both the perplexity path (fake-quant inside attention) and the packed caches call the functions
+below, so the two paths produce the same numbers bit for bit (same codes, same fp16 parameters,
+same float32 dequantization, same cast back to the compute dtype).
+
+Tensor conventions: attention K/V are ``[batch, kv_heads, tokens, head_dim]``; the quantizers work
+on 2-D/3-D "row" views with the quantized axis last:
+
+* K rows (per-channel):  ``[batch, C, tokens]`` with ``C = kv_heads * head_dim`` (channel ``h*D+d``);
+* V rows (per-token):    ``[batch, tokens, C]``.
+
+KIVI (Liu et al., 2024) — asymmetric uniform, scale and minimum stored in fp16:
+
+* K per channel: groups of ``group_size`` consecutive tokens of one channel share (scale, min);
+* V per token: groups of ``group_size`` consecutive channels of one token's ``C``-vector share
+  (scale, min). Groups follow the flattened ``kv_heads*head_dim`` vector, so with
+  ``head_dim >= group_size`` (every real model) they never cross a head, and tiny test models
+  with ``head_dim < group_size`` still work;
+* ``x ≈ q*scale + min`` with ``q = clamp(round((x-min)/scale), 0, 2^b-1)``. ``min`` is rounded
+  *down* and ``scale`` *up* to fp16, so every value of the group lies inside the representable
+  range and the round-trip error is at most ``scale/2`` (the stored fp16 scale);
+* residual window: the most recent ``residual`` tokens stay in full precision. K leaves the window
+  in chunks of ``group_size`` tokens (a chunk is quantized once the window holds ``residual +
+  group_size`` tokens, so between ``residual`` and ``residual+group_size-1`` K tokens are fp), V
+  token by token. After ``T`` tokens ``kivi_quant_lengths(T)`` tokens of K / V are quantized,
+  whatever the update pattern was (prefill + decode or token by token).
+
+KVQuant (Hooper et al., 2024):
+
+* K is quantized **pre-RoPE**, per channel, with a per-layer, per-channel non-uniform codebook of
+  ``2^b`` levels (raw units) and per-channel outlier thresholds (``lo_c``, ``hi_c``), all
+  calibrated offline (a streaming cache cannot know a channel's future range: that is why KVQuant
+  calibrates K offline). Values outside ``[lo_c, hi_c]`` — the ``outlier_fraction`` most extreme
+  values of the channel on the calibration set, half on each side — are kept in fp16 as a sparse
+  matrix (per-token CSR: counts int16, channel indices int16, values fp16).
+* V is quantized per token: the ``k = max(1, round(outlier_fraction*C))`` largest-magnitude values
+  of each token vector are kept in fp16 (values + int16 indices); the remaining values are
+  normalized with the token's (center, half-range) (fp16) to ``[-1, 1]`` and snapped to a
+  per-layer codebook of ``2^b`` levels learned offline.
+* Codebooks come from sensitivity-weighted 1-D k-means (Lloyd iterations starting from the uniform
+  grid, so NUQ is never worse than uniform on the calibration objective; the weighted squared
+  error is non-increasing in every iteration). See :func:`weighted_kmeans_1d`.
+* The first ``first_fp16`` tokens (attention sink) are kept exactly (post-RoPE, compute dtype).
+* Pre-RoPE: the attention side (cache ``update`` and the attention hook) only sees post-RoPE K in
+  transformers v5 (``Cache.update`` receives no cos/sin). We invert the rotation with the model's
+  own rotary embedding at the token positions (``k·cos − rot(k)·sin``, divided by
+  ``cos²+sin²`` when the rope type scales), quantize, and re-apply RoPE after dequantization.
+  RoPE is orthogonal, so the round trip costs ~1 ulp, far below the quantization error; it keeps
+  one code path for the packed cache (which stores pre-RoPE codes and rotates on read, as KVQuant's
+  kernels do) and the fake-quant perplexity path, works for fused ``qkv_proj`` and for weight-
+  quantized ``k_proj`` replacements, and needs no hooks on linears. It assumes positions
+  ``0..T-1`` (no left padding), which is what perplexity windows and single-prompt generation use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .packing import pack, packed_words, unpack
+
+__all__ = [
+    "FP16_MAX", "round_fp16_down", "round_fp16_up", "minmax_qparams_fp16",
+    "quant_groups", "dequant_groups", "pack_codes", "unpack_codes",
+    "k_to_rows", "rows_to_k", "v_to_rows", "rows_to_v",
+    "kivi_quant_lengths", "kivi_fake_quant",
+    "rotate_half", "apply_rope", "invert_rope",
+    "n_value_outliers", "weighted_kmeans_1d", "nearest_level",
+    "kvq_quant_k", "kvq_dequant_k", "kvq_quant_v", "kvq_dequant_v",
+    "fit_kvquant_layer", "kvquant_fake_quant",
+]
+
+FP16_MAX = 65504.0
+
+
+# ----------------------------------------------------------------------------- fp16 rounding
+def round_fp16_down(x: torch.Tensor) -> torch.Tensor:
+    """Largest fp16 value ``<= x`` (as float32)."""
+    x = x.float().clamp(-FP16_MAX, FP16_MAX)
+    h = x.half()
+    lower = torch.nextafter(h, torch.full_like(h, float("-inf")))
+    return torch.where(h.float() > x, lower, h).float()
+
+
+def round_fp16_up(x: torch.Tensor) -> torch.Tensor:
+    """Smallest fp16 value ``>= x`` (as float32)."""
+    x = x.float().clamp(-FP16_MAX, FP16_MAX)
+    h = x.half()
+    upper = torch.nextafter(h, torch.full_like(h, float("inf")))
+    return torch.where(h.float() < x, upper, h).float()
+
+
+def minmax_qparams_fp16(xmin: torch.Tensor, xmax: torch.Tensor, bits: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric (scale, min) whose fp16 values cover ``[xmin, xmax]`` (KIVI's parameters).
+
+    Returned as float32 tensors holding fp16-representable values. A constant group gets
+    ``scale = 1`` (its single value is then exactly ``min`` when ``min`` is fp16-representable)."""
+    maxq = 2**bits - 1
+    mn = round_fp16_down(xmin)
+    scale = round_fp16_up((xmax.float() - mn) / maxq)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, mn
+
+
+# ----------------------------------------------------------------------------- KIVI primitives
+def quant_groups(x: torch.Tensor, bits: int, group_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize the last axis of ``x [..., n]`` in groups of ``group_size`` (n % group_size == 0).
+
+    Returns ``codes [..., n] uint8, scale [..., n/g] fp16, min [..., n/g] fp16``."""
+    *lead, n = x.shape
+    if n % group_size:
+        raise ValueError(f"group_size={group_size} does not divide {n}")
+    xg = x.float().reshape(*lead, n // group_size, group_size)
+    scale, mn = minmax_qparams_fp16(xg.amin(-1), xg.amax(-1), bits)
+    q = torch.clamp(torch.round((xg - mn.unsqueeze(-1)) / scale.unsqueeze(-1)), 0, 2**bits - 1)
+    return q.reshape(*lead, n).to(torch.uint8), scale.half(), mn.half()
+
+
+def dequant_groups(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quant_groups` (float32)."""
+    *lead, n = codes.shape
+    g = n // scale.shape[-1] if scale.shape[-1] else 1
+    q = codes.float().reshape(*lead, scale.shape[-1], g)
+    return (q * scale.float().unsqueeze(-1) + mn.float().unsqueeze(-1)).reshape(*lead, n)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`qbench.quant.packing.pack`, vectorized for 1/2/4/8 bits and device-agnostic (same
+    layout: little-endian bit stream per row cut into int32 words, rows padded to 32 values)."""
+    if 32 % bits:
+        return pack(codes.cpu(), bits).to(codes.device)
+    *lead, n = codes.shape
+    per = 32 // bits
+    n_pad = -(-n // 32) * 32
+    q = codes.to(torch.int64)
+    if n_pad != n:
+        q = torch.nn.functional.pad(q, (0, n_pad - n))
+    shifts = torch.arange(0, 32, bits, device=codes.device, dtype=torch.int64)
+    words = (q.reshape(*lead, n_pad // per, per) << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """:func:`qbench.quant.packing.unpack`, vectorized for 1/2/4/8 bits (same layout)."""
+    if 32 % bits:
+        return unpack(packed.cpu(), bits, n).to(packed.device)
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int64)
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    vals = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return vals.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :n].to(torch.uint8)
+
+
+def k_to_rows(k: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, D] → [B, H*D, T]`` (channels × tokens)."""
+    b, h, t, d = k.shape
+    return k.permute(0, 1, 3, 2).reshape(b, h * d, t)
+
+
+def rows_to_k(rows: torch.Tensor, h: int, d: int) -> torch.Tensor:
+    b, c, t = rows.shape
+    return rows.reshape(b, h, d, t).permute(0, 1, 3, 2)
+
+
+def v_to_rows(v: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, D] → [B, T, H*D]`` (tokens × channels)."""
+    b, h, t, d = v.shape
+    return v.transpose(1, 2).reshape(b, t, h * d)
+
+
+def rows_to_v(rows: torch.Tensor, h: int, d: int) -> torch.Tensor:
+    b, t, c = rows.shape
+    return rows.reshape(b, t, h, d).transpose(1, 2)
+
+
+def kivi_quant_lengths(n_tokens: int, residual: int, group_size: int) -> tuple[int, int]:
+    """Tokens of K and of V held quantized after ``n_tokens`` tokens (the rest is the fp window)."""
+    over = max(n_tokens - residual, 0)
+    return (over // group_size) * group_size, over
+
+
+def kivi_v_group(n_channels: int, group_size: int) -> int:
+    """Channels per V group (``group_size``; must divide ``kv_heads*head_dim``)."""
+    if n_channels % group_size:
+        raise ValueError(f"group_size={group_size} does not divide kv_heads*head_dim={n_channels}")
+    return group_size
+
+
+def kivi_fake_quant(k: torch.Tensor, v: torch.Tensor, *, k_bits: int, v_bits: int,
+                    group_size: int, residual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What attention sees from a KIVI cache holding exactly these ``T`` tokens (a prefill with
+    quantization): K/V older than the fp window quantized, the window exact. Same numbers as
+    :class:`qbench.modules.kv_cache.KIVILayer` with ``prefill_with_quant=True``."""
+    b, h, t, d = k.shape
+    nqk, nqv = kivi_quant_lengths(t, residual, group_size)
+    if k_bits < 16 and nqk:
+        rows = k_to_rows(k[:, :, :nqk])
+        kq = rows_to_k(dequant_groups(*quant_groups(rows, k_bits, group_size)), h, d).to(k.dtype)
+        k = torch.cat([kq, k[:, :, nqk:]], dim=2)
+    if v_bits < 16 and nqv:
+        rows = v_to_rows(v[:, :, :nqv])
+        vq = rows_to_v(dequant_groups(*quant_groups(rows, v_bits, kivi_v_group(h * d, group_size))),
+                       h, d).to(v.dtype)
+        v = torch.cat([vq, v[:, :, nqv:]], dim=2)
+    return k, v
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _bcast(t: torch.Tensor) -> torch.Tensor:
+    # cos/sin come as [B or 1, T, D]; K is [B, H, T, D]
+    return t.unsqueeze(1) if t.dim() == 3 else t
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF-layout RoPE (``x·cos + rot(x)·sin``) in float32."""
+    cos, sin = _bcast(cos).float(), _bcast(sin).float()
+    xf = x.float()
+    return xf * cos + rotate_half(xf) * sin
+
+
+def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaled: bool = False
+                ) -> torch.Tensor:
+    """Inverse of :func:`apply_rope` (float32); ``scaled`` when ``cos²+sin² != 1`` (rope types
+    with an attention scaling factor)."""
+    cos, sin = _bcast(cos).float(), _bcast(sin).float()
+    xf = x.float()
+    out = xf * cos - rotate_half(xf) * sin
+    if scaled:
+        out = out / (cos * cos + sin * sin)
+    return out
+
+
+# ----------------------------------------------------------------------------- KVQuant primitives
+def n_value_outliers(n_channels: int, fraction: float) -> int:
+    """Outliers kept per V token vector: ``max(1, round(fraction*C))`` (0 when fraction is 0)."""
+    if fraction <= 0:
+        return 0
+    return min(n_channels - 1, max(1, int(round(fraction * n_channels))))
+
+
+def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level. ``levels [..., K]`` sorted ascending, batched like ``x [..., N]``
+    (or 1-D ``[K]`` shared by every row). Ties go to the lower level."""
+    mids = (levels[..., 1:] + levels[..., :-1]) * 0.5
+    if mids.dim() == 1:
+        return torch.bucketize(x.contiguous(), mids.contiguous())
+    return torch.searchsorted(mids.contiguous(), x.contiguous())
+
+
+@torch.no_grad()
+def weighted_kmeans_1d(x: torch.Tensor, w: torch.Tensor, k: int, iters: int,
+                       init: torch.Tensor | None = None, lo: torch.Tensor | None = None,
+                       hi: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Batched, sensitivity-weighted Lloyd k-means in 1-D.
+
+    ``x, w: [G, N]`` (G independent problems, e.g. channels); weight 0 excludes a point.
+    Initialization: ``init [G, k]`` or the uniform grid between ``lo`` and ``hi`` (default: the
+    min/max of the points with positive weight). Returns the sorted centroids ``[G, k]`` (float32)
+    and the total weighted squared error after each assignment step (``iters + 1`` values, float64;
+    Lloyd's algorithm makes it non-increasing: an assignment to the nearest centroid and a
+    weighted-mean update can each only lower it; an empty cluster keeps its centroid)."""
+    x = x.float()
+    w = w.float().clamp_min(0)
+    g, n = x.shape
+    if init is None:
+        big = torch.finfo(torch.float32).max
+        valid = w > 0
+        if lo is None:
+            lo = torch.where(valid, x, torch.full_like(x, big)).amin(1)
+            lo = torch.where(valid.any(1), lo, x.amin(1) if n else torch.zeros(g))
+        if hi is None:
+            hi = torch.where(valid, x, torch.full_like(x, -big)).amax(1)
+            hi = torch.where(valid.any(1), hi, x.amax(1) if n else torch.zeros(g))
+        t = torch.linspace(0, 1, k, device=x.device)
+        c = lo.float().unsqueeze(1) + (hi.float() - lo.float()).unsqueeze(1) * t
+    else:
+        c = init.float().clone()
+    c, _ = c.sort(dim=1)
+    wd = w.double()
+    history: list[float] = []
+    for it in range(iters + 1):
+        a = nearest_level(x, c)
+        err = x - c.gather(1, a)
+        history.append(float((wd * err.double() ** 2).sum()))
+        if it == iters:
+            break
+        sums = torch.zeros(g, k, dtype=torch.float64, device=x.device).scatter_add_(1, a, wd * x.double())
+        ws = torch.zeros(g, k, dtype=torch.float64, device=x.device).scatter_add_(1, a, wd)
+        c = torch.where(ws > 0, sums / ws.clamp_min(1e-300), c.double()).float()
+        c, _ = c.sort(dim=1)
+    return c, history
+
+
+def kvq_quant_k(rows: torch.Tensor, levels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """Quantize pre-RoPE K rows ``[N, C]`` (one row per token) with per-channel codebooks
+    ``levels [C, K]`` (fp16 values, sorted) and outlier thresholds ``lo, hi [C]``.
+
+    Returns ``codes [N, C] uint8`` and the outliers as CSR over rows:
+    ``counts [N] int16, idx [nnz] int16 (channel), val [nnz] fp16`` (row-major order)."""
+    x = rows.float()
+    codes = nearest_level(x.t(), levels.float()).t().to(torch.uint8)
+    out = (x < lo.float()) | (x > hi.float())
+    counts = out.sum(1).to(torch.int16)
+    nz = out.nonzero(as_tuple=False)
+    idx = nz[:, 1].to(torch.int16)
+    val = x[out].half()
+    return codes, counts, idx, val
+
+
+def kvq_dequant_k(codes: torch.Tensor, levels: torch.Tensor, counts: torch.Tensor,
+                  idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`kvq_quant_k` → float32 ``[N, C]``."""
+    lv = levels.float()
+    c = codes.long()
+    x = lv.gather(1, c.t()).t() if c.numel() else torch.zeros(c.shape, device=codes.device)
+    if val.numel():
+        rows = torch.repeat_interleave(torch.arange(c.shape[0], device=codes.device), counts.long())
+        x = x.clone()
+        x[rows, idx.long()] = val.float()
+    return x
+
+
+def kvq_quant_v(rows: torch.Tensor, levels: torch.Tensor, n_out: int):
+    """Quantize V rows ``[N, C]`` per token with the per-layer normalized codebook ``levels [K]``
+    (fp16 values in [-1, 1], sorted) keeping the ``n_out`` largest-magnitude values per row.
+
+    Returns ``codes [N, C] uint8, center [N] fp16, scale [N] fp16, idx [N, n_out] int16,
+    val [N, n_out] fp16``."""
+    x = rows.float()
+    n, c = x.shape
+    if n_out:
+        idx = x.abs().topk(n_out, dim=1).indices
+        val = x.gather(1, idx)
+        inl = torch.ones_like(x, dtype=torch.bool).scatter_(1, idx, False)
+    else:
+        idx = torch.zeros(n, 0, dtype=torch.long, device=x.device)
+        val = torch.zeros(n, 0, device=x.device)
+        inl = torch.ones_like(x, dtype=torch.bool)
+    big = torch.finfo(torch.float32).max
+    mn = torch.where(inl, x, torch.full_like(x, big)).amin(1)
+    mx = torch.where(inl, x, torch.full_like(x, -big)).amax(1)
+    center = ((mx + mn) * 0.5).half().float()
+    scale = round_fp16_up(torch.maximum(mx - center, center - mn))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    u = (x - center.unsqueeze(1)) / scale.unsqueeze(1)
+    codes = nearest_level(u, levels.float()).to(torch.uint8)
+    return codes, center.half(), scale.half(), idx.to(torch.int16), val.half()
+
+
+def kvq_dequant_v(codes, center, scale, idx, val, levels) -> torch.Tensor:
+    """Inverse of :func:`kvq_quant_v` → float32 ``[N, C]``."""
+    x = levels.float()[codes.long()] * scale.float().unsqueeze(-1) + center.float().unsqueeze(-1)
+    if val.numel():
+        x = x.scatter(-1, idx.long(), val.float())
+    return x
+
+
+def _normalized_v(x: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Calibration helper: per-token normalized V ``u`` (outliers masked), inlier mask, scale."""
+    n, c = x.shape
+    inl = torch.ones_like(x, dtype=torch.bool)
+    if n_out:
+        inl.scatter_(1, x.abs().topk(n_out, dim=1).indices, False)
+    big = torch.finfo(torch.float32).max
+    mn = torch.where(inl, x, torch.full_like(x, big)).amin(1)
+    mx = torch.where(inl, x, torch.full_like(x, -big)).amax(1)
+    center = ((mx + mn) * 0.5).half().float()
+    scale = round_fp16_up(torch.maximum(mx - center, center - mn))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (x - center.unsqueeze(1)) / scale.unsqueeze(1), inl, scale
+
+
+def _channel_thresholds(x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (channel) thresholds leaving ``fraction/2`` of the values below ``lo`` and above
+    ``hi``: ``x [C, N]`` → ``lo, hi [C]`` (fp16-representable, ``±inf`` when fraction is 0)."""
+    c, n = x.shape
+    if fraction <= 0 or n == 0:
+        return torch.full((c,), float("-inf")), torch.full((c,), float("inf"))
+    s, _ = x.float().sort(dim=1)
+    m = int(math.floor(fraction / 2 * n))  # values strictly outside on each side
+    lo = s[:, m]
+    hi = s[:, n - 1 - m]
+    return round_fp16_down(lo), round_fp16_up(hi)
+
+
+@torch.no_grad()
+def fit_kvquant_layer(k_pre: torch.Tensor, v: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
+                      *, bits: int, outlier_fraction: float, iters: int) -> dict:
+    """Learn one layer's KVQuant parameters from calibration data.
+
+    ``k_pre, v, wk, wv: [N, C]`` (pre-RoPE keys, values and their sensitivity weights, sink tokens
+    already removed). Returns fp16 ``k_levels [C, 2^b]``, ``k_lo, k_hi [C]``, ``v_levels [2^b]``
+    and statistics (weighted error of the uniform initial grid vs the learned codebook)."""
+    k = 2**bits
+    kx = k_pre.float().t().contiguous()
+    kw = wk.float().t().contiguous()
+    lo, hi = _channel_thresholds(kx, outlier_fraction)
+    inl = (kx >= lo.unsqueeze(1)) & (kx <= hi.unsqueeze(1))
+    kw_in = torch.where(inl, kw, torch.zeros_like(kw))
+    # inlier range per channel (the uniform grid the k-means starts from)
+    big = torch.finfo(torch.float32).max
+    klo = torch.where(inl, kx, torch.full_like(kx, big)).amin(1)
+    khi = torch.where(inl, kx, torch.full_like(kx, -big)).amax(1)
+    k_levels, k_hist = weighted_kmeans_1d(kx, kw_in, k, iters, lo=klo, hi=khi)
+    k_levels, _ = k_levels.half().float().sort(dim=1)
+
+    n_out = n_value_outliers(v.shape[1], outlier_fraction)
+    u, vin, vscale = _normalized_v(v.float(), n_out)
+    # error in raw units = error in normalized units × scale → weight w·scale²
+    vw = torch.where(vin, wv.float() * vscale.unsqueeze(1) ** 2, torch.zeros_like(u))
+    v_levels, v_hist = weighted_kmeans_1d(u.reshape(1, -1), vw.reshape(1, -1), k, iters,
+                                          lo=torch.tensor([-1.0]), hi=torch.tensor([1.0]))
+    v_levels, _ = v_levels[0].half().float().sort()
+    return {
+        "k_levels": k_levels.half(), "k_lo": lo.half(), "k_hi": hi.half(), "v_levels": v_levels.half(),
+        "stats": {
+            "k_err_uniform": k_hist[0], "k_err_nuq": k_hist[-1],
+            "v_err_uniform": v_hist[0], "v_err_nuq": v_hist[-1],
+            "k_outlier_rate": float((~inl).float().mean()) if inl.numel() else 0.0,
+            "v_outliers_per_token": n_out,
+        },
+    }
+
+
+def kvquant_fake_quant(k_post: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       *, k_levels: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor,
+                       v_levels: torch.Tensor, outlier_fraction: float, first_fp16: int,
+                       scaled_rope: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """KVQuant-simulated K/V for attention (same numbers as the packed
+    :class:`qbench.modules.kv_cache.KVQuantLayer`): the first ``first_fp16`` tokens exact, the others
+    quantized (K pre-RoPE). ``cos, sin`` are the rotary tables for the positions of ``k_post``."""
+    b, h, t, d = k_post.shape
+    f = min(first_fp16, t)
+    if t == f:
+        return k_post, v
+    kq = k_post[:, :, f:]
+    cs, sn = _bcast(cos)[..., f:, :], _bcast(sin)[..., f:, :]
+    pre = invert_rope(kq, cs, sn, scaled_rope)
+    rows = pre.transpose(1, 2).reshape(b * (t - f), h * d)
+    codes, counts, idx, val = kvq_quant_k(rows, k_levels, k_lo, k_hi)
+    deq = kvq_dequant_k(codes, k_levels, counts, idx, val).reshape(b, t - f, h, d).transpose(1, 2)
+    kq = apply_rope(deq, cs, sn).to(k_post.dtype)
+    vrows = v[:, :, f:].transpose(1, 2).reshape(b * (t - f), h * d)
+    n_out = n_value_outliers(h * d, outlier_fraction)
+    vd = kvq_dequant_v(*kvq_quant_v(vrows, v_levels, n_out), v_levels)
+    vq = vd.reshape(b, t - f, h, d).transpose(1, 2).to(v.dtype)
+    return torch.cat([k_post[:, :, :f], kq], 2), torch.cat([v[:, :, :f], vq], 2)
+
+
+def packed_nbytes(n_values: int, bits: int) -> int:
+    """Bytes of one packed row of ``n_values`` codes (int32 words, see :mod:`.packing`)."""
+    return packed_words(n_values, bits) * 4
+
+
+__all__ += ["packed_nbytes", "kivi_v_group"]

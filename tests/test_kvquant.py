@@ -1,0 +1,158 @@
+"""KVQuant: weighted k-means monotonicity, exact sparse outliers, pre-RoPE round trip, calibration
+on a tiny model (Fisher weights), fake-quant ≡ packed cache, checkpoint restores the codebooks."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qbench.methods.base import ConfigError, QuantContext, get_method, parse_recipe, resolve_recipe
+from qbench.modules.kv_cache import KVCodebooks, KVQuantCache, cache_for_model
+from qbench.quant.kv import (
+    apply_rope, fit_kvquant_layer, invert_rope, kvq_dequant_k, kvq_dequant_v, kvq_quant_k, kvq_quant_v,
+    n_value_outliers, weighted_kmeans_1d,
+)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2)).eval()
+
+
+def calib_ctx(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return QuantContext(calibration=lambda corpus, n, s, sd: torch.randint(0, 256, (n, s), generator=g),
+                        progress=False)
+
+
+def test_weighted_kmeans_never_increases_error():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(6, 3000, generator=g), torch.randn(6, 300, generator=g) * 6], 1)
+    w = torch.rand(6, 3300, generator=g) ** 3
+    w[:, :50] = 0  # excluded points
+    for k in (4, 8, 16):
+        c, hist = weighted_kmeans_1d(x, w, k, 25)
+        assert len(hist) == 26
+        for a, b in zip(hist, hist[1:]):
+            assert b <= a * (1 + 1e-9)
+        assert hist[-1] < 0.9 * hist[0]  # better than the uniform starting grid
+        assert bool((c[:, 1:] >= c[:, :-1]).all())
+    # weights matter: heavy weight on the right tail pulls the centroids there
+    w2 = torch.where(x > 2, torch.full_like(x, 100.0), torch.ones_like(x))
+    c1, _ = weighted_kmeans_1d(x, torch.ones_like(x), 4, 25)
+    c2, _ = weighted_kmeans_1d(x, w2, 4, 25)
+    assert float((c2 > 2).sum()) > float((c1 > 2).sum())
+
+
+def test_outliers_kept_exactly():
+    g = torch.Generator().manual_seed(1)
+    c = 48
+    x = (torch.randn(200, c, generator=g)).half().float()  # fp16-representable inputs
+    x[3, 7], x[10, 0], x[150, 47] = 30.0, -25.5, 12.25
+    levels = torch.sort(torch.randn(c, 8, generator=g), -1).values.half()
+    lo, hi = torch.full((c,), -2.0).half(), torch.full((c,), 2.0).half()
+    codes, counts, idx, val = kvq_quant_k(x, levels, lo, hi)
+    out = (x < -2) | (x > 2)
+    assert int(counts.sum()) == int(out.sum()) == val.numel()
+    deq = kvq_dequant_k(codes, levels, counts, idx, val)
+    assert torch.equal(deq[out], x[out])  # outliers exact
+    inl = deq[~out]
+    # inliers sit on their channel's codebook levels
+    assert bool((levels.float().unsqueeze(0).expand(200, c, 8)[~out] == inl.unsqueeze(-1)).any(-1).all())
+    # V: the k largest-|v| per token are exact; the rest within the token's range
+    n_out = n_value_outliers(c, 0.05)
+    assert n_out == 2
+    vl = torch.linspace(-1, 1, 8).half()
+    vd = kvq_dequant_v(*kvq_quant_v(x, vl, n_out), vl)
+    top = x.abs().topk(n_out, 1).indices
+    assert torch.equal(vd.gather(1, top), x.gather(1, top))
+    assert float((vd - x).abs().max()) <= float(x.abs().max())
+
+
+def test_pre_rope_round_trip():
+    model = tiny_model()
+    rot = model.model.rotary_emb
+    k = torch.randn(1, 2, 50, 16)
+    cos, sin = rot(k, torch.arange(50).unsqueeze(0))
+    post = apply_rope(k, cos, sin)
+    assert torch.allclose(invert_rope(post, cos, sin), k, atol=1e-5)
+    assert not torch.allclose(post, k, atol=1e-2)
+
+
+def test_fit_layer_nuq_beats_uniform_and_thresholds():
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(4000, 32, generator=g) * torch.linspace(0.1, 3, 32)  # per-channel scales
+    v = torch.randn(4000, 32, generator=g)
+    w = torch.rand(4000, 32, generator=g)
+    fit = fit_kvquant_layer(k, v, w, w, bits=3, outlier_fraction=0.01, iters=15)
+    s = fit["stats"]
+    assert s["k_err_nuq"] < s["k_err_uniform"] and s["v_err_nuq"] < s["v_err_uniform"]
+    assert 0.005 < s["k_outlier_rate"] <= 0.0101
+    assert fit["k_levels"].shape == (32, 8) and fit["v_levels"].shape == (8,)
+    assert float(fit["v_levels"].abs().max()) <= 1.0
+    # per-channel codebooks follow the channel scale
+    spread = fit["k_levels"].float()[:, -1] - fit["k_levels"].float()[:, 0]
+    assert float(spread[-1]) > 10 * float(spread[0])
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match=r"kvquant\.bits"):
+        parse_recipe([{"kvquant": {"bits": 8}}], "r")
+    with pytest.raises(ConfigError, match=r"kvquant\.sensitivity"):
+        parse_recipe([{"kvquant": {"sensitivity": "hessian"}}], "r")
+    with pytest.raises(ConfigError, match=r"kvquant\.seqlen=4: must exceed first_fp16=8"):
+        parse_recipe([{"kvquant": {"seqlen": 4, "first_fp16": 8}}], "r")
+    st, = parse_recipe([{"kvquant": {}}])
+    get_method("kvquant").check(tiny_model(), st.config, "kvquant")
+    with pytest.raises(RuntimeError, match="codebooks"):
+        get_method("kvquant").attach(tiny_model(), st.config)
+
+
+def test_apply_calibrates_and_checkpoint_restores_codebooks(tmp_path):
+    from qbench.checkpoint import load_checkpoint, save_checkpoint
+
+    model = tiny_model()
+    ids = torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    recipe = resolve_recipe([{"kvquant": {"bits": 2, "nsamples": 3, "seqlen": 48, "kmeans_iters": 10,
+                                          "prefill_with_quant": True}}])
+    st, = parse_recipe(recipe)
+    stats = get_method("kvquant").apply(model, st.config, calib_ctx())
+    assert stats["k_nuq_vs_uniform_err"] < 1.0 and stats["v_nuq_vs_uniform_err"] < 1.0
+    assert stats["calib_tokens"] == 3 * 48
+    assert all(p.requires_grad for p in model.parameters())  # frozen only during the Fisher pass
+    cb = model.qbench_kvquant
+    assert isinstance(cb, KVCodebooks) and cb.k_levels.shape == (2, 32, 4)
+    assert bool((cb.k_lo < cb.k_hi).all())
+    with torch.no_grad():
+        fq = model(ids, use_cache=False).logits
+        assert (fq - ref).abs().max() > 1e-3
+        cache = cache_for_model(model)
+        assert isinstance(cache, KVQuantCache)
+        # packed cache prefill (prefill_with_quant) == fake-quant perplexity path
+        assert torch.equal(model(ids, past_key_values=cache, use_cache=True).logits, fq)
+        # the sink token is exact in the cache
+        k_all, _ = cache.layers[0].dequantized()
+        assert cache.layers[0].keys.shape[2] == 1
+    save_checkpoint(model, None, tmp_path / "ckpt", recipe=recipe)
+    loaded, _, manifest = load_checkpoint(tmp_path / "ckpt")
+    assert manifest["modules"]["qbench_kvquant"]["class"] == "KVCodebooks"
+    for n in ("k_levels", "k_lo", "k_hi", "v_levels"):
+        a, b = getattr(loaded.qbench_kvquant, n), getattr(cb, n)
+        assert a.dtype == torch.float16 and torch.equal(a, b)
+    assert loaded._qbench_kv["method"] == "kvquant"
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, use_cache=False).logits, fq)
+        out = loaded.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
+                              past_key_values=cache_for_model(loaded))
+    assert out.shape == (1, 76)
+
+
+def test_sensitivity_choices_give_different_codebooks():
+    a, b = tiny_model(), tiny_model()
+    for m, sens in ((a, "fisher"), (b, "sq_act")):
+        st, = parse_recipe([{"kvquant": {"bits": 3, "nsamples": 2, "seqlen": 32, "sensitivity": sens}}])
+        get_method("kvquant").apply(m, st.config, calib_ctx())
+    assert torch.equal(a.qbench_kvquant.k_lo, b.qbench_kvquant.k_lo)  # thresholds are unweighted
+    assert not torch.equal(a.qbench_kvquant.k_levels, b.qbench_kvquant.k_levels)
