@@ -1,0 +1,134 @@
+"""QRazor: absmax base quantization + Significant Data Razoring (W4A16 / W4A8 / W4A4).
+
+Weights: symmetric absmax to ``w_base_bits`` integers per output channel (or per tensor), then SDR
+to ``w_bits`` with groups of ``w_group_size`` inputs and a per-group shift flag
+(:mod:`qbench.quant.sdr`). Activations (``a_bits`` < 16): dynamic absmax to ``a_base_bits`` per
+token (or per tensor), then SDR with groups of ``a_group_size`` along the hidden axis.
+
+Seed settings (``scripts/run_qrazor.sh``): weights ``bits_w=8`` per-channel symmetric base →
+``w_qrazor_bits=4``, ``w_qrazor_group=8``; activations per-token, ``a_qrazor_bits=4``,
+``a_qrazor_group=8``. ``w_base_bits: 8`` (the default) is the seed's setting and the one whose
+3-bit flag gives its "g8/4.38 … g128/4.03" effective bits; an int16 base needs a 4-bit flag
+(shifts 0..12: 4 + 4/8 = 4.5 bits at g8). The seed's W4A8 text describes activations razored from
+an int16 base to 8 bits: ``a_bits: 8, a_base_bits: 16``.
+
+Composes after weight methods ("GPTQ + QRazor"): a target layer that an earlier stage already
+quantized (e.g. a ``QuantLinear`` from ``gptq``) is razored from its dequantized weight.
+
+K/V caches: :func:`sdr_fake_quant` (re-exported here) razors any tensor along its last axis, with
+the base scale per token, per channel (``granularity="per_channel"``: reduced over leading axes)
+or per tensor, e.g. ``sdr_fake_quant(k, 4, 8, base_bits=8, granularity="per_channel")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..modules import set_module, target_linears
+from ..modules.sdr_linear import SDRActLinear, SDRLinear
+from ..quant.sdr import base_scale, effective_bits, flag_bits, sdr_fake_quant, sdr_quantize
+from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
+
+__all__ = ["QRazor", "sdr_fake_quant", "sdr_quantize", "sdr_fake_quant_kv", "effective_bits",
+           "flag_bits", "base_scale"]
+
+
+def sdr_fake_quant_kv(x: torch.Tensor, bits: int = 4, group_size: int = 8, base_bits: int = 8,
+                      granularity: str = "per_token") -> torch.Tensor:
+    """QRazor for a K/V tensor ``[..., head_dim]`` (groups along ``head_dim``): the seed's
+    ``k_qrazor``/``v_qrazor`` (int8 base, 4-bit, g8). ``granularity='per_channel'`` gives K's
+    per-channel base scale."""
+    return sdr_fake_quant(x, bits, group_size, base_bits, granularity)
+
+
+def _dense_weight(layer: nn.Module) -> torch.Tensor:
+    if hasattr(layer, "dequantized_weight"):
+        return layer.dequantized_weight().float()
+    return layer.weight.data.float()
+
+
+@register
+class QRazor(Method):
+    name = "qrazor"
+    kind = "weight_act"
+
+    @dataclass
+    class Config(MethodConfig):
+        w_bits: int = opt(4, "razored weight bits: sign + (w_bits-1) magnitude bits (16 = keep "
+                          "weights)", choices=(2, 3, 4, 5, 6, 7, 8, 16))
+        w_group_size: int = opt(8, "weights per razoring group (one shift flag each); the seed "
+                                "used 8..128", range=(1, 1 << 16))
+        w_base_bits: int = opt(8, "base absmax integer width of the weights", choices=(8, 16))
+        w_granularity: str = opt("per_channel", "base scale of the weights",
+                                 choices=("per_channel", "per_tensor"))
+        a_bits: int = opt(16, "razored activation bits (16 = no activation quantization)",
+                          choices=(2, 3, 4, 5, 6, 7, 8, 16))
+        a_group_size: int = opt(8, "activations per razoring group (along the hidden axis)",
+                                range=(1, 1 << 16))
+        a_base_bits: int = opt(8, "base absmax integer width of the activations", choices=(8, 16))
+        a_granularity: str = opt("per_token", "dynamic base scale of the activations",
+                                 choices=("per_token", "per_tensor"))
+        skip: list = field(default_factory=list,
+                           metadata={"doc": "regexes of layer names to leave in 16 bits"})
+
+        def validate(self, key: str) -> None:
+            if self.w_bits < 16 and self.w_bits > self.w_base_bits:
+                raise ConfigError(f"{key}.w_bits={self.w_bits} exceeds w_base_bits="
+                                  f"{self.w_base_bits}; allowed: 2..{self.w_base_bits} or 16")
+            if self.a_bits < 16 and self.a_bits > self.a_base_bits:
+                raise ConfigError(f"{key}.a_bits={self.a_bits} exceeds a_base_bits="
+                                  f"{self.a_base_bits}; allowed: 2..{self.a_base_bits} or 16")
+            if self.w_bits >= 16 and self.a_bits >= 16:
+                raise ConfigError(f"{key}: w_bits=16 and a_bits=16 quantize nothing; set w_bits "
+                                  "to 2..8 and/or a_bits to 2..8")
+
+        def act(self) -> dict:
+            return {"a_bits": self.a_bits, "a_group_size": self.a_group_size,
+                    "a_base_bits": self.a_base_bits, "a_granularity": self.a_granularity}
+
+    def check(self, model, cfg, key):
+        for name, lin in target_linears(model, cfg.skip, include_quantized=True).items():
+            for fld, g, on in (("w_group_size", cfg.w_group_size, cfg.w_bits < 16),
+                               ("a_group_size", cfg.a_group_size, cfg.a_bits < 16)):
+                if on and lin.in_features % g:
+                    ds = [d for d in (4, 8, 16, 32, 64, 96, 128, 192, 256) if lin.in_features % d == 0]
+                    raise ConfigError(f"{key}.{fld}={g} does not divide layer {name} "
+                                      f"(in_features={lin.in_features}); sizes that work: "
+                                      f"{', '.join(map(str, ds))}")
+
+    def apply(self, model: nn.Module, cfg: Config, ctx: QuantContext) -> dict:
+        layers = target_linears(model, cfg.skip, include_quantized=True)
+        rel, from_q, shift_hist = [], 0, {}
+        for name, lin in tqdm(layers.items(), desc="qrazor", disable=not ctx.progress, leave=False):
+            w = _dense_weight(lin)
+            from_q += type(lin) is not nn.Linear
+            bias = getattr(lin, "bias", None)
+            dtype = getattr(lin, "compute_dtype", None) or lin.weight.dtype
+            dev = w.device
+            if cfg.w_bits >= 16:
+                new = SDRActLinear.from_weight(w.to(dtype), bias, dtype=dtype, **cfg.act())
+            else:
+                new = SDRLinear.from_weight(w, cfg.w_bits, cfg.w_group_size, cfg.w_base_bits,
+                                            cfg.w_granularity, bias, dtype=dtype, **cfg.act())
+                wq = new.dequantized_weight()
+                wc = w.cpu()
+                rel.append(float((wq - wc).norm() / wc.norm().clamp_min(1e-12)))
+                for s, c in zip(*new.shifts().unique(return_counts=True)):
+                    shift_hist[int(s)] = shift_hist.get(int(s), 0) + int(c)
+            set_module(model, name, new.to(dev))
+        stats = {"layers": len(layers), "from_quantized_layers": from_q,
+                 "shift_histogram": {str(k): v for k, v in sorted(shift_hist.items())}}
+        if cfg.w_bits < 16:
+            stats["w_flag_bits"] = flag_bits(cfg.w_bits, cfg.w_base_bits)
+            stats["w_effective_bits_nominal"] = effective_bits(cfg.w_bits, cfg.w_group_size,
+                                                               cfg.w_base_bits)
+            stats["mean_rel_weight_error"] = sum(rel) / max(len(rel), 1)
+        if cfg.a_bits < 16:
+            stats["a_effective_bits_nominal"] = effective_bits(
+                cfg.a_bits, cfg.a_group_size, cfg.a_base_bits) if cfg.a_bits < cfg.a_base_bits \
+                else float(cfg.a_bits)
+        return stats

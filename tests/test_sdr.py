@@ -1,0 +1,165 @@
+"""QRazor / Significant Data Razoring: hand-worked groups, effective bits, SDRLinear, checkpoints."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qbench.checkpoint import load_checkpoint, save_checkpoint
+from qbench.methods.base import ConfigError, QuantContext, get_method, parse_recipe, resolve_recipe
+from qbench.methods.qrazor import sdr_fake_quant_kv
+from qbench.modules import effective_bits as model_effective_bits
+from qbench.modules.sdr_linear import SDRActLinear, SDRLinear
+from qbench.quant.sdr import (base_scale, effective_bits, flag_bits, sdr_decode, sdr_encode,
+                              sdr_fake_quant, sdr_quantize)
+
+from helpers import markov_tokens, tiny_llama
+
+
+def test_hand_worked_int8_groups_4bit():
+    # 4 bits kept = sign + 3 magnitude bits; groups of 8 (int8 base: shifts 0..4, 3-bit flag).
+    x = torch.tensor([
+        # max 100 = 0b1100100 → leading one at bit 6 (7 bits) → shift 4, step 16, half 8:
+        # 100→(108>>4)=6→96, -37→-(45>>4)=-2→-32, 5→0, 64→(72>>4)=4→64,
+        # 12→(20>>4)=1→16 (rounds UP: 0.75 steps), 3→0
+        [100, -37, 5, 0, 64, -100, 12, 3],
+        # max 127 → shift 4: 127→(135>>4)=8 overflows 3 bits → SATURATES at 7 → 112;
+        # 120 → (128>>4)=8 → 7 → 112; -8 → -(16>>4) = -1 → -16 (tie 0.5 rounds half up); 1 → 0
+        [127, 120, -8, 1, 0, -119, 24, 7],
+        # max 7 fits in 3 magnitude bits → shift 0, unchanged
+        [5, -3, 7, 0, 1, -7, 2, 6],
+        # max 9 = 0b1001 (4 bits) → shift 1, step 2, half 1: 9→5→10, 3→2→4 (tie), -5→-3→-6
+        # (tie, half up; torch.round would give -4), 1→1→2 (tie), 8→4→8, -2→-2, 0, 6→6
+        [9, 3, -5, 1, 8, -2, 0, 6],
+    ])
+    expected = torch.tensor([
+        [96, -32, 0, 0, 64, -96, 16, 0],
+        [112, 112, -16, 0, 0, -112, 32, 0],
+        [5, -3, 7, 0, 1, -7, 2, 6],
+        [10, 4, -6, 2, 8, -2, 0, 6],
+    ])
+    r, shifts = sdr_quantize(x, 4, 8)
+    assert torch.equal(r, expected)
+    assert shifts.tolist() == [[4], [4], [0], [1]]
+    codes, sh = sdr_encode(x, 4, 8)
+    assert codes.abs().max() <= 7 and torch.equal(sdr_decode(codes, sh, 8), expected)
+    assert codes[1].tolist() == [7, 7, -1, 0, 0, -7, 2, 0]
+
+
+def test_hand_worked_int16_group_and_padding():
+    # int16 base, 4 bits, groups of 4: max 1000 = 0b1111101000 (10 bits) → shift 7, step 128:
+    # 1000 → (1064>>7)=8 → saturates to 7 → 896; 300 → (364>>7)=2 → 256; -64 → -(128>>7) = -1
+    # → -128 (tie rounds up); 63 → 0. Second group (2 values + 2 padding zeros): max 20 →
+    # 5 bits → shift 2: 20 → 5 → 20, -6 → -(8>>2) = -2 → -8.
+    x = torch.tensor([[1000, 300, -64, 63, 20, -6]])
+    r, shifts = sdr_quantize(x, 4, 4)
+    assert r.tolist() == [[896, 256, -128, 0, 20, -8]]
+    assert shifts.tolist() == [[7, 2]]
+
+
+def test_flag_bits_and_the_seed_effective_bits():
+    assert flag_bits(4, 8) == 3     # shifts 0..4
+    assert flag_bits(4, 16) == 4    # shifts 0..12
+    assert flag_bits(8, 16) == 4    # shifts 0..8
+    assert flag_bits(8, 8) == 0
+    assert effective_bits(4, 8, 8) == 4.375
+    # The seed's labels g8/4.38 … g128/4.03: 4 + 3/g + one fp16 per-channel scale, averaged
+    # over LLaMA-3.1-8B's linears (hidden 4096, KV 1024, FFN 14336).
+    shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096),
+              (14336, 4096), (14336, 4096), (4096, 14336)]
+    share = 16 * sum(o for o, _ in shapes) / sum(o * i for o, i in shapes)
+    got = [round(effective_bits(4, g, 8, share), 2) for g in (8, 16, 32, 64, 128)]
+    assert got == [4.38, 4.19, 4.10, 4.05, 4.03]
+
+
+def test_fake_quant_error_bound_and_no_razor_when_bits_reach_base():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 64, generator=g) * torch.rand(16, 1, generator=g) * 3
+    scale = base_scale(x, 8, "per_token")
+    xi = torch.clamp(torch.round(x / scale), -127, 127)
+    r, shifts = sdr_quantize(xi, 4, 8)
+    step = (2.0 ** shifts.float()).repeat_interleave(8, dim=-1)
+    err = (r - xi).abs().float()
+    # razoring error ≤ half a step, except saturated values (≤ one step)
+    assert (err <= step).all() and (err[xi.abs() < 7 * step] <= step[xi.abs() < 7 * step] / 2).all()
+    y = sdr_fake_quant(x, 4, 8, 8, "per_token")
+    assert torch.allclose(y, r.float() * scale)
+    assert torch.equal(sdr_fake_quant(x, 8, 8, 8), xi * scale)  # int8 → 8 bits: nothing to razor
+    assert sdr_fake_quant(x, 16, 8) is x
+
+
+def test_per_channel_granularity_for_kv():
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 10, 16, generator=g) * torch.linspace(0.1, 5, 16)
+    s = base_scale(k, 8, "per_channel")
+    assert s.shape == (1, 1, 1, 16)
+    assert torch.allclose(s.flatten(), k.abs().amax((0, 1, 2)) / 127)
+    y = sdr_fake_quant_kv(k, 4, 8, 8, "per_channel")
+    assert y.shape == k.shape and (y - k).abs().max() < 0.25 * k.abs().max()
+
+
+def test_sdr_linear_matches_the_reference_and_counts_bits():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=g) * 0.05
+    bias = torch.randn(24, generator=g)
+    m = SDRLinear.from_weight(w, 4, 8, 8, bias=bias, a_bits=4, a_group_size=8)
+    ref_w = sdr_fake_quant(w, 4, 8, 8, "per_token", scale=SDRLinear.weight_scale(w, 8, "per_channel"))
+    assert torch.equal(m.dequantized_weight(), ref_w)
+    x = torch.randn(3, 5, 64, generator=g)
+    xq = sdr_fake_quant(x, 4, 8, 8, "per_token")
+    assert torch.equal(m(x), F.linear(xq, ref_w, bias))
+    # 4-bit codes + 3-bit flag per 8 weights + one fp16 scale per output channel
+    assert m.storage_bits() == 24 * 64 * 4 + 24 * 8 * 3 + 24 * 16
+    m16 = SDRLinear.from_weight(w, 4, 8, 16)
+    assert m16.flag_bits == 4 and m16.storage_bits() == 24 * 64 * 4 + 24 * 8 * 4 + 24 * 16
+    m.to(torch.bfloat16)
+    assert m.scales.dtype == torch.float16 and m(x.bfloat16()).dtype == torch.bfloat16
+
+
+def quantize(model, recipe):
+    for i, st in enumerate(parse_recipe(recipe)):
+        m = get_method(st.method)
+        m.check(model, st.config, f"recipe[{i}]")
+        m.apply(model, st.config, QuantContext(progress=False))
+    return model
+
+
+def test_qrazor_after_rtn_razors_the_dequantized_weight():
+    m = quantize(tiny_llama(), [{"rtn": {"w_bits": 4, "group_size": 32}}])
+    w = m.model.layers[0].mlp.gate_proj.dequantized_weight()
+    quantize(m, [{"qrazor": {"w_bits": 4, "w_group_size": 16}}])
+    lay = m.model.layers[0].mlp.gate_proj
+    assert isinstance(lay, SDRLinear)
+    ref = sdr_fake_quant(w, 4, 16, 8, "per_token", scale=SDRLinear.weight_scale(w, 8, "per_channel"))
+    assert torch.equal(lay.dequantized_weight(), ref)
+
+
+@pytest.mark.parametrize("args,cls", [
+    ({"w_bits": 4, "w_group_size": 8, "a_bits": 4}, SDRLinear),
+    ({"w_bits": 4, "w_group_size": 16, "w_base_bits": 16, "a_bits": 8, "a_base_bits": 16,
+      "a_granularity": "per_tensor"}, SDRLinear),
+    ({"w_bits": 16, "a_bits": 8, "a_base_bits": 16}, SDRActLinear),
+])
+def test_checkpoint_round_trip_identical_logits(tmp_path, args, cls):
+    recipe = [{"qrazor": args}]
+    m = quantize(tiny_llama(), recipe)
+    assert isinstance(m.model.layers[1].self_attn.v_proj, cls)
+    x = markov_tokens(96)[None]
+    ref = m(x).logits
+    man = save_checkpoint(m, None, tmp_path / "ck", recipe=resolve_recipe(recipe))
+    m2, _, _ = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(m2(x).logits, ref)
+    assert man["effective_bits"] == pytest.approx(model_effective_bits(m))
+    if args["w_bits"] == 4 and args.get("w_base_bits", 8) == 8:
+        # codes + 3/8 flag + fp16 scale per row (tiny llama: in_features 64 or 128)
+        assert 4.375 < man["effective_bits"] < 4.375 + 16 / 64
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="quantize nothing"):
+        parse_recipe([{"qrazor": {"w_bits": 16, "a_bits": 16}}])
+    with pytest.raises(ConfigError, match="w_bits"):
+        parse_recipe([{"qrazor": {"w_bits": 9}}])
+    with pytest.raises(ConfigError, match="a_granularity"):
+        parse_recipe([{"qrazor": {"a_bits": 4, "a_granularity": "per_group"}}])
+    cfg = parse_recipe([{"qrazor": {"w_group_size": 48}}])[0].config
+    with pytest.raises(ConfigError, match="w_group_size=48 does not divide"):
+        get_method("qrazor").check(tiny_llama(), cfg, "recipe[0].qrazor")
