@@ -124,10 +124,11 @@ def load_checkpoint(path: str | Path, *, dtype: str = "float32", device: str = "
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    from .methods.base import get_method, parse_recipe
+    from .methods.base import available_methods, get_method, parse_recipe
 
     path = Path(path)
     manifest = read_manifest(path)
+    available_methods()  # import every method module so their module types are registered
     config = AutoConfig.from_pretrained(path)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[manifest.get("dtype", "float32")])

@@ -22,7 +22,7 @@ def describe_recipe(stages: list[dict]) -> dict:
         names.append(name)
         if "w_bits" in args and args["w_bits"] < 16:
             out["W"] = args["w_bits"]
-            g = args.get("group_size", -1)
+            g = next((args[k] for k in ("group_size", "groupsize", "w_group_size") if k in args), -1)
             out["group"] = "channel" if g == -1 else ("tensor" if g == 0 else g)
         if args.get("a_bits", 16) < 16:
             out["A"] = args["a_bits"]
