@@ -43,7 +43,7 @@ def smoke(tmp_path_factory):
 def test_smoke_pipeline_produces_records_tables_and_report(smoke):
     wd = smoke
     table = (wd / "reports/tiny/tables/perplexity.csv").read_text()
-    for recipe in ("fp", "w8-rtn", "w4-rtn-g32", "w8a8-rtn"):
+    for recipe in ("fp", "w8-rtn", "w4-rtn-g32", "w8a8-rtn", "w4-gptq-g32", "sq-w8a8"):
         assert recipe in table
         rec = json.loads((wd / f"results/tiny/{recipe}/eval/ppl-tiny.json").read_text())
         assert rec["metrics"]["n_windows"] == 4 and rec["metrics"]["seqlen"] == 64
@@ -55,6 +55,9 @@ def test_smoke_pipeline_produces_records_tables_and_report(smoke):
     assert abs(w8 / fp - 1) < 0.01
     assert (wd / "reports/tiny/figures/ppl_vs_bits.png").stat().st_size > 5000
     assert "| w4-rtn-g32" in (wd / "reports/tiny/README.md").read_text()
+    # SmoothQuant read the shared calibration statistics computed once by the calib_stats rule
+    assert (wd / "results/tiny/calib/tiny-4x64-s0/stats.safetensors").exists()
+    assert "re-collecting" not in (wd / "logs/tiny/sq-w8a8/quantize.log").read_text()
 
 
 @pytest.mark.slow

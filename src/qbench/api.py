@@ -117,6 +117,23 @@ def quantize(model_dir: str | Path, recipe: list | None, out_dir: str | Path, *,
                            device=device)
 
 
+def calib_stats(model_dir: str | Path, corpus_dir: str | Path, out_file: str | Path, *, n: int,
+                seqlen: int, seed: int, dtype: str = "float32", device: str | None = None,
+                progress: bool = True) -> dict:
+    """Collect and store the shared activation statistics of one calibration set."""
+    from .calib.stats import collect_act_stats, save_stats
+    from .data.corpora import calibration_hash, sample_calibration
+    from .models.loading import load_model
+
+    device = pick_device(device)
+    model, _ = load_model(model_dir, dtype=dtype, device=device)
+    ids = sample_calibration(corpus_dir, n, seqlen, seed)
+    stats = collect_act_stats(model, ids, device=device, progress=progress)
+    return save_stats(stats, out_file, meta={"corpus": Path(corpus_dir).name, "n": n, "seqlen": seqlen,
+                                             "seed": seed, "calibration_hash":
+                                             calibration_hash(corpus_dir, n, seqlen, seed)})
+
+
 def _atomic_json(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ def resolve_config(config: dict) -> dict:
         if c not in corpora:
             raise ConfigError(f"eval.ppl.corpora: unknown corpus {c!r}; configured corpora: "
                               f"{', '.join(corpora) or 'none'}")
-    recipes, calib = {}, {}
+    recipes, calib, stats = {}, {}, {}
     for name, raw in (config.get("recipes") or {}).items():
         key = f"recipes.{name}"
         stages = parse_recipe(raw, key)
@@ -49,6 +49,13 @@ def resolve_config(config: dict) -> dict:
                 if req["corpus"] not in needs:
                     needs.append(req["corpus"])
         calib[name] = needs
+        # Shared activation statistics only describe the unmodified model, so only a first stage
+        # can use the precomputed ones (later stages re-collect on the model as it is then).
+        if stages and get_method(stages[0].method).uses_act_stats:
+            c = stages[0].config
+            stats[name] = [f"{c.calib}-{c.nsamples}x{c.seqlen}-s{c.seed}"]
+        else:
+            stats[name] = []
     select = config.get("select") or {}
     chosen = {}
     for what, pool in (("models", config.get("models", {})), ("recipes", recipes)):
@@ -57,7 +64,7 @@ def resolve_config(config: dict) -> dict:
         if bad:
             raise ConfigError(f"select.{what}: unknown {what[:-1]} {bad[0]!r}; configured: {', '.join(pool)}")
         chosen[what] = names
-    return {"recipes": recipes, "calib_corpora": calib, "models": chosen["models"],
+    return {"recipes": recipes, "calib_corpora": calib, "calib_stats": stats, "models": chosen["models"],
             "selected_recipes": chosen["recipes"]}
 
 

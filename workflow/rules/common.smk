@@ -27,6 +27,12 @@ def calib_corpora(wildcards):
     return {c: f"resources/data/{wildcards.model}/{c}/corpus.json" for c in names}
 
 
+def calib_stats_files(wildcards):
+    """Shared activation statistics this recipe's first stage reads."""
+    return [f"results/{wildcards.model}/calib/{key}/stats.safetensors"
+            for key in RESOLVED["calib_stats"][wildcards.recipe]]
+
+
 def threads_for(kind):
     return int(RUNTIME.get("threads", {}).get(kind, 1))
 
@@ -35,3 +41,6 @@ wildcard_constraints:
     model="[A-Za-z0-9][A-Za-z0-9_.+-]*",
     recipe="[A-Za-z0-9][A-Za-z0-9_.+-]*",
     corpus="[A-Za-z0-9][A-Za-z0-9_.+-]*",
+    n="[0-9]+",
+    seqlen="[0-9]+",
+    seed="[0-9]+",

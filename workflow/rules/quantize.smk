@@ -6,6 +6,7 @@ rule quantize:
     input:
         card="resources/models/{model}/qbench_model_card.json",
         calib=lambda wc: list(calib_corpora(wc).values()),
+        stats=calib_stats_files,
     output:
         manifest="results/{model}/{recipe}/checkpoint/qbench.json",
     params:

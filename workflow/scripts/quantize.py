@@ -9,6 +9,8 @@ with job(snakemake, gpu=True):  # noqa: F821 - injected by Snakemake
 
     smk = snakemake  # noqa: F821
     calib_dirs = {Path(p).parent.name: str(Path(p).parent) for p in smk.input.calib}
+    stats_dirs = {Path(p).parent.name: str(Path(p).parent) for p in smk.input.stats}
     api.quantize(Path(smk.input.card).parent, json.loads(smk.params.recipe),
-                 Path(smk.output.manifest).parent, calib_dirs=calib_dirs, dtype=smk.params.dtype,
+                 Path(smk.output.manifest).parent, calib_dirs=calib_dirs, stats_dirs=stats_dirs,
+                 dtype=smk.params.dtype,
                  recipe_name=smk.wildcards.recipe)

@@ -72,6 +72,9 @@ class Method:
     #: that is not captured by module replacement / state dict, so loading a checkpoint re-applies
     #: :meth:`attach`.
     runtime: ClassVar[bool] = False
+    #: True when the method reads shared activation statistics (``ctx.calib_stats``); the workflow
+    #: then computes them once per calibration set in the ``calib_stats`` rule.
+    uses_act_stats: ClassVar[bool] = False
 
     def check(self, model: nn.Module, cfg: MethodConfig, key: str) -> None:
         """Cheap checks against the model before any heavy work (e.g. group sizes)."""

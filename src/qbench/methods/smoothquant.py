@@ -76,6 +76,7 @@ def _col_absmax(lins: list[nn.Linear]) -> torch.Tensor:
 @register
 class SmoothQuant(Method):
     name = "smoothquant"
+    uses_act_stats = True
     kind = "transform"
 
     @dataclass
