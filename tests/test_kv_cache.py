@@ -110,8 +110,8 @@ def test_kivi2_ratio_at_4096_tokens():
     # measured on a small cache (1 layer, 2 KV heads, head_dim 32) filled by prefill + decode
     cache = KIVICache(k_bits=2, v_bits=2, group_size=32, residual=128, num_layers=1)
     torch.manual_seed(3)
-    cache.update(torch.randn(1, 2, 4000, 32).half(), torch.randn(1, 2, 4000, 32).half(), 0)
-    for _ in range(96):
+    cache.update(torch.randn(1, 2, 4064, 32).half(), torch.randn(1, 2, 4064, 32).half(), 0)
+    for _ in range(32):
         cache.update(torch.randn(1, 2, 1, 32).half(), torch.randn(1, 2, 1, 32).half(), 0)
     small = {"n_layers": 1, "n_kv_heads": 2, "head_dim": 32}
     measured = cache_nbytes(cache)

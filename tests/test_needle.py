@@ -81,6 +81,7 @@ def test_grid_on_tiny_model_with_kivi_cache(tmp_path):
     assert all(0.0 <= a <= 1.0 for r in res["grid"] for a in r)
     assert 0.0 <= res["accuracy"] <= 1.0 and res["n_total"] == 12
     assert res["kv_method"] == "kivi" and res["prefill_with_quant"] is True
+    assert res["kv_cache"] == "KIVICache"
     assert all(r["correct"] == needle_found(r["answer"], r["needle"]) for r in res["records"])
     assert {r["prompt_tokens"] for r in res["records"]} <= set(range(120, 260))
     png = plot_needle_heatmap(res, tmp_path / "needle.png")

@@ -167,6 +167,7 @@ def run_needle(model, tokenizer, haystack=None, *, context_lengths: Sequence[int
         eos = getattr(tokenizer, "eos_token_id", None)
     records = []
     grid = []
+    cache_class = None
     t0 = time.perf_counter()
     total = len(context_lengths) * len(depths) * len(needles)
     bar = tqdm(total=total, desc="needle", disable=not progress, leave=False)
@@ -180,6 +181,7 @@ def run_needle(model, tokenizer, haystack=None, *, context_lengths: Sequence[int
                                  answer_prefix=answer_prefix, chat=chat)
                 cache = cache_factory(model) if cache_factory else cache_for_model(
                     model, prefill_with_quant=prefill_with_quant)
+                cache_class = type(cache).__name__
                 new = _greedy(model, p["ids"], max_new_tokens, cache, eos)
                 answer = _decode(tokenizer, new)
                 ok = needle_found(answer, value)
@@ -199,7 +201,8 @@ def run_needle(model, tokenizer, haystack=None, *, context_lengths: Sequence[int
         "answer_prefix": answer_prefix, "chat_template": bool(chat),
         "grid": grid, "accuracy": (sum(r["correct"] for r in records) / n) if n else 0.0,
         "n_correct": sum(r["correct"] for r in records), "n_total": n,
-        "kv_method": kv.get("method", "fp16"), "prefill_with_quant": prefill_with_quant,
+        "kv_method": kv.get("method", "fp16"), "kv_cache": cache_class,
+        "prefill_with_quant": prefill_with_quant,
         "max_new_tokens": max_new_tokens, "records": records,
         "seconds": time.perf_counter() - t0,
     }

@@ -20,6 +20,11 @@ learned NUQ grid is never worse than uniform on the calibration objective). Sens
 * ``sq_act``: squared activations — a cheap proxy (no backward) favouring large-magnitude entries;
 * ``uniform``: plain k-means.
 
+Measured on SmolLM2-135M (fp32, wiki test, 6 windows of 512, 8×512 calibration tokens), 2-bit
+perplexity: fp 21.82; ``fisher`` 26.07, ``uniform`` 26.31, ``sq_act`` 38.27 — squaring the
+activations pulls the levels towards the tails and starves the bulk, so it is kept only as an
+ablation; 4/3-bit with Fisher weights: 22.08 / 22.94.
+
 At run time (see :mod:`qbench.quant.kv`): K values outside their channel's thresholds and the
 ``max(1, round(outlier_fraction*C))`` largest-|v| values of each V token are kept in fp16 (values
 + int16 indices); the first ``first_fp16`` tokens (the attention sink) are kept exactly.
