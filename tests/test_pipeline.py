@@ -55,6 +55,11 @@ def test_smoke_pipeline_produces_records_tables_and_report(smoke):
     assert abs(w8 / fp - 1) < 0.01
     assert (wd / "reports/tiny/figures/ppl_vs_bits.png").stat().st_size > 5000
     assert "| w4-rtn-g32" in (wd / "reports/tiny/README.md").read_text()
+    kv = (wd / "reports/tiny/tables/kv_cache.md").read_text()
+    assert "kivi-2" in kv and "needle acc" in kv
+    mem = json.loads((wd / "results/tiny/kivi-2/eval/kv_memory.json").read_text())["metrics"]["records"][0]
+    assert mem["measured_bytes"] == mem["expected_bytes"] and mem["ratio_vs_fp16"] < 0.5
+    assert (wd / "reports/tiny/figures/needle.png").stat().st_size > 3000
     # SmoothQuant read the shared calibration statistics computed once by the calib_stats rule
     assert (wd / "results/tiny/calib/tiny-4x64-s0/stats.safetensors").exists()
     assert "re-collecting" not in (wd / "logs/tiny/sq-w8a8/quantize.log").read_text()

@@ -209,6 +209,35 @@ def evaluate_ppl_text(path: str | Path, text_file: str | Path, *, seqlen: int = 
                        eval={"seqlen": seqlen, "max_windows": max_windows, "batch_size": 1})
 
 
+def evaluate_kv(path: str | Path, corpus_dir: str | Path, *, needle_json: str | Path | None = None,
+                memory_json: str | Path | None = None, needle: dict | None = None,
+                memory: dict | None = None, dtype: str = "float32", device: str | None = None,
+                progress: bool = True, model_name: str | None = None,
+                recipe_name: str | None = None) -> dict:
+    """Needle-in-a-haystack retrieval and KV-cache bytes of one checkpoint (haystack and prefill
+    tokens from the corpus's evaluation split); one record each."""
+    from .data.corpora import load_tokens
+    from .eval.kv_memory import kv_memory
+    from .eval.needle import run_needle
+
+    device = pick_device(device)
+    model, tok, manifest = load_for_eval(path, dtype=dtype, device=device)
+    tokens = load_tokens(corpus_dir, "test")
+    out = {}
+    common = dict(model=model_name, recipe=recipe_name, device=device, dtype=dtype,
+                  corpus=Path(corpus_dir).name,
+                  execution="generation through the recipe's KV cache (packed low-bit tensors)")
+    if needle_json:
+        res = run_needle(model, tok, tokens[:65536].tolist(), progress=progress, **(needle or {}))
+        out["needle"] = base_record("needle", manifest, metrics=res, eval=needle or {}, **common)
+        _atomic_json(needle_json, out["needle"])
+    if memory_json:
+        res = kv_memory(model, tokens, progress=progress, **(memory or {}))
+        out["memory"] = base_record("kv_memory", manifest, metrics=res, eval=memory or {}, **common)
+        _atomic_json(memory_json, out["memory"])
+    return out
+
+
 def write_record(path: str | Path, record: dict) -> None:
     _atomic_json(path, record)
 

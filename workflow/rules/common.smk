@@ -12,8 +12,21 @@ PPL_CORPORA = config["eval"]["ppl"]["corpora"]
 RUNTIME = config.get("runtime", {})
 
 
+KV_EVAL = config["eval"].get("kv") or {}
+KV_RECIPES = [r for r in KV_EVAL.get("recipes", []) if r in RECIPES]
+
+
 def all_targets():
     return expand("reports/{model}/README.md", model=MODELS)
+
+
+def all_records(wildcards):
+    """Every record the report of one model reads."""
+    recs = expand("results/{model}/{recipe}/eval/ppl-{corpus}.json", model=wildcards.model,
+                  recipe=RECIPES, corpus=PPL_CORPORA)
+    recs += expand("results/{model}/{recipe}/eval/{name}.json", model=wildcards.model,
+                   recipe=KV_RECIPES, name=["needle", "kv_memory"])
+    return recs
 
 
 def recipe_json(wildcards):

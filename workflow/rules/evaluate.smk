@@ -26,3 +26,28 @@ rule eval_ppl:
         "../../envs/qbench.yaml"
     script:
         "../scripts/eval_ppl.py"
+
+
+rule eval_kv:
+    input:
+        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+        corpus=lambda wc: f"resources/data/{wc.model}/{config['eval']['kv']['corpus']}/corpus.json",
+    output:
+        needle="results/{model}/{recipe}/eval/needle.json",
+        memory="results/{model}/{recipe}/eval/kv_memory.json",
+    params:
+        needle=json.dumps(config["eval"]["kv"].get("needle", {}), sort_keys=True),
+        memory=json.dumps(config["eval"]["kv"].get("memory", {}), sort_keys=True),
+        dtype=config["eval"]["kv"].get("dtype", "float32"),
+    log:
+        "logs/{model}/{recipe}/eval_kv.log",
+    benchmark:
+        "benchmarks/out/{model}/{recipe}/eval_kv.tsv"
+    threads: threads_for("eval")
+    resources:
+        gpu=1,
+        mem_mb=RUNTIME.get("mem_mb", {}).get("eval", 4000),
+    conda:
+        "../../envs/qbench.yaml"
+    script:
+        "../scripts/eval_kv.py"

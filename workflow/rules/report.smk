@@ -4,12 +4,7 @@
 
 rule report:
     input:
-        records=lambda wc: expand(
-            "results/{model}/{recipe}/eval/ppl-{corpus}.json",
-            model=wc.model,
-            recipe=RECIPES,
-            corpus=PPL_CORPORA,
-        ),
+        records=all_records,
     output:
         ppl_md=report(
             "reports/{model}/tables/perplexity.md",
@@ -24,6 +19,18 @@ rule report:
             category="{model}",
             subcategory="Perplexity",
             caption="../../reports/captions/ppl_vs_bits.rst",
+        ),
+        kv_md=report(
+            "reports/{model}/tables/kv_cache.md",
+            category="{model}",
+            subcategory="KV cache",
+            caption="../../reports/captions/kv_cache.rst",
+        ),
+        needle_png=report(
+            "reports/{model}/figures/needle.png",
+            category="{model}",
+            subcategory="KV cache",
+            caption="../../reports/captions/needle.rst",
         ),
         readme="reports/{model}/README.md",
     params:

@@ -49,9 +49,17 @@ def load_records(paths) -> pd.DataFrame:
             "recipe_hash": rec.get("recipe_hash"),
             **describe_recipe(rec.get("recipe_resolved", [])),
         }
-        for k, v in (rec.get("metrics") or {}).items():
+        metrics = rec.get("metrics") or {}
+        for k, v in metrics.items():
             if isinstance(v, (int, float, str)) or v is None:
                 row[k] = v
+        if rec["kind"] == "kv_memory":
+            for r in metrics.get("records", []):
+                row[f"kv_ratio@{r['context_length']}"] = r["ratio_vs_fp16"]
+                row[f"kv_bytes@{r['context_length']}"] = r["measured_bytes"]
+        if rec["kind"] == "needle":
+            row["needle_grid"] = json.dumps({"grid": metrics.get("grid"), "context_lengths":
+                                             metrics.get("context_lengths"), "depths": metrics.get("depths")})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -70,6 +78,56 @@ def perplexity_table(df: pd.DataFrame, recipe_order: list[str] | None = None) ->
     t = t.loc[order].reset_index().rename(columns={
         "recipe": "recipe", "effective_bits": "bits/weight", "quantize_seconds": "quant time (s)"})
     return t
+
+
+def kv_table(df: pd.DataFrame, recipe_order: list[str] | None = None) -> pd.DataFrame:
+    """The seed's KV tables: ppl per corpus, needle accuracy and KV bytes vs fp16, per recipe."""
+    if df.empty or not df["kind"].isin(["needle", "kv_memory"]).any():
+        return pd.DataFrame()
+    recipes = df.loc[df["kind"].isin(["needle", "kv_memory"]), "recipe"].unique()
+    ppl = perplexity_table(df[df["recipe"].isin(recipes)], recipe_order)
+    cols = [c for c in ppl.columns if c.startswith("ppl ") or c in ("recipe", "method", "W", "A", "KV")]
+    t = ppl[cols].set_index("recipe") if not ppl.empty else pd.DataFrame(index=recipes)
+    nd = df[df["kind"] == "needle"].set_index("recipe")
+    if not nd.empty:
+        t["needle acc"] = nd["accuracy"]
+    mem = df[df["kind"] == "kv_memory"].set_index("recipe")
+    for c in sorted((c for c in mem.columns if c.startswith("kv_ratio@")), key=lambda c: int(c.split("@")[1])):
+        t[f"KV bytes/fp16 @{c.split('@')[1]}"] = mem[c]
+    order = [r for r in (recipe_order or []) if r in t.index] + sorted(set(t.index) - set(recipe_order or []))
+    return t.loc[order].reset_index().rename(columns={"index": "recipe"})
+
+
+def plot_needle(df: pd.DataFrame, out_png: str | Path, recipe_order: list[str] | None = None) -> None:
+    """One heat-map (insertion depth × context length) per recipe, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = df[df["kind"] == "needle"].set_index("recipe")
+    names = [r for r in (recipe_order or []) if r in d.index] + sorted(set(d.index) - set(recipe_order or []))
+    n = max(1, len(names))
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        g = json.loads(d.loc[name, "needle_grid"])
+        grid = [[float(v) for v in row] for row in g["grid"]]  # [length][depth]
+        ax.axis("on")
+        im = ax.imshow(list(map(list, zip(*grid))), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(g["context_lengths"])), g["context_lengths"], fontsize=7)
+        ax.set_yticks(range(len(g["depths"])), [f"{x:.0%}" for x in g["depths"]], fontsize=7)
+        ax.set_xlabel("context length", fontsize=7)
+        ax.set_ylabel("needle depth", fontsize=7)
+        ax.set_title(f"{name} (acc {d.loc[name, 'accuracy']:.2f})", fontsize=8)
+    if names:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="retrieval accuracy")
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
 
 
 def to_markdown(t: pd.DataFrame, floatfmt: str = ".3f") -> str:
@@ -135,6 +193,9 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "readme": outputs.get("readme", out_dir / "README.md"),
         "records_csv": outputs.get("records_csv", out_dir / "tables" / "records.csv"),
     }
+    if "kv_md" in outputs or (df["kind"].isin(["needle", "kv_memory"]).any() and not outputs):
+        paths["kv_md"] = outputs.get("kv_md", out_dir / "tables" / "kv_cache.md")
+        paths["needle_png"] = outputs.get("needle_png", out_dir / "figures" / "needle.png")
     for p in paths.values():
         Path(p).parent.mkdir(parents=True, exist_ok=True)
     md = to_markdown(t)
@@ -142,6 +203,11 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
     t.to_csv(paths["ppl_csv"], index=False)
     df.to_csv(paths["records_csv"], index=False)
     plot_ppl_vs_bits(df, paths["ppl_png"], title=model)
+    kv = kv_table(df, recipe_order)
+    kv_md = to_markdown(kv)
+    if "kv_md" in paths:
+        Path(paths["kv_md"]).write_text(kv_md)
+        plot_needle(df, paths["needle_png"], recipe_order)
     commits = sorted(set(df["git_commit"].dropna())) if "git_commit" in df else []
     readme = [
         f"# qbench report: {model}", "",
@@ -151,6 +217,10 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "## Perplexity", "", md,
         *family_sections(t),
         "![perplexity vs effective bits](figures/ppl_vs_bits.png)", "",
+        *(["## KV cache", "",
+           "Needle-in-a-haystack exact-match accuracy (greedy generation through the recipe's "
+           "quantized cache) and the bytes the cache really holds, relative to an fp16 cache.", "",
+           kv_md, "![needle in a haystack](figures/needle.png)", ""] if "kv_md" in paths else []),
         f"Records: {len(df)} (one JSON per recipe × evaluation under `results/{model}/`); "
         f"qbench commit(s): {', '.join(commits) or 'unknown'}.", "",
     ]
