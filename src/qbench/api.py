@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from .fsutil import atomic_json
 from .checkpoint import DTYPES, is_checkpoint, load_checkpoint, save_checkpoint
 from .methods.base import QuantContext, get_method, parse_recipe
 from .provenance import hash_obj, provenance
@@ -134,14 +134,6 @@ def calib_stats(model_dir: str | Path, corpus_dir: str | Path, out_file: str | P
                                              calibration_hash(corpus_dir, n, seqlen, seed)})
 
 
-def _atomic_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def base_record(kind: str, manifest: dict, *, model: str | None, recipe: str | None, device: str,
                 dtype: str, execution: str | None = None, **extra) -> dict:
     stats = manifest.get("stats", {})
@@ -187,7 +179,7 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
                           eval={"seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size})
         records[name] = rec
         if outputs and name in outputs:
-            _atomic_json(outputs[name], rec)
+            atomic_json(outputs[name], rec)
     return records
 
 
@@ -230,16 +222,16 @@ def evaluate_kv(path: str | Path, corpus_dir: str | Path, *, needle_json: str | 
     if needle_json:
         res = run_needle(model, tok, tokens[:65536].tolist(), progress=progress, **(needle or {}))
         out["needle"] = base_record("needle", manifest, metrics=res, eval=needle or {}, **common)
-        _atomic_json(needle_json, out["needle"])
+        atomic_json(needle_json, out["needle"])
     if memory_json:
         res = kv_memory(model, tokens, progress=progress, **(memory or {}))
         out["memory"] = base_record("kv_memory", manifest, metrics=res, eval=memory or {}, **common)
-        _atomic_json(memory_json, out["memory"])
+        atomic_json(memory_json, out["memory"])
     return out
 
 
 def write_record(path: str | Path, record: dict) -> None:
-    _atomic_json(path, record)
+    atomic_json(path, record)
 
 
 __all__ = ["quantize", "evaluate_ppl", "evaluate_ppl_text", "load_for_eval", "check_recipe",

@@ -15,9 +15,6 @@ tensors do not match it, is rejected with :class:`CheckpointError` and never loa
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .fsutil import atomic_dir
 from .modules import MODULE_TYPES, effective_bits, quantized_layout, set_module
 from .provenance import provenance, sha256_file
 
@@ -41,27 +39,6 @@ class CheckpointError(RuntimeError):
 def is_checkpoint(path: str | Path) -> bool:
     """True for a qbench checkpoint directory (as opposed to a plain HF model directory)."""
     return (Path(path) / MANIFEST).exists()
-
-
-def atomic_dir(out_dir: Path):
-    """Context manager yielding a temp dir that replaces ``out_dir`` on success only."""
-
-    class _Atomic:
-        def __enter__(self):
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-            return self.tmp
-
-        def __exit__(self, et, ev, tb):
-            if et is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return False
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(self.tmp, out_dir)
-            return False
-
-    return _Atomic()
 
 
 def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe: list[dict],

@@ -42,16 +42,14 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
-import uuid
 import xml.etree.ElementTree as ET
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from ..fsutil import atomic_dir
 
 SOURCE_KINDS = ("wiki", "news", "local", "hf")
 SPLITS = ("calib", "test")
@@ -130,27 +128,6 @@ def _tqdm(it=None, **kw):
 
     kw.setdefault("disable", not sys.stderr.isatty())
     return tqdm(it, **kw)
-
-
-@contextmanager
-def _atomic_dir(out_dir: str | Path) -> Iterator[Path]:
-    """A sibling temp dir that replaces ``out_dir`` on success and is removed on any error."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        yield tmp
-        old = None
-        if out.exists() or out.is_symlink():
-            old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def gensim_test_data(filename: str) -> Path:
@@ -602,7 +579,7 @@ def build_corpus(name: str, source: dict, out_dir: str | Path, *, tokenizer_dir:
         "files": {},
         "created_with": _qbench_version(),
     }
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         for split, docs in splits.items():
             text = meta["joiner"][split].join(docs)
             ids = _tokenize(tokenizer, text, f"{name}: tokenizing {split}", progress)

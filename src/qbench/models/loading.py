@@ -18,17 +18,14 @@ weights) and returns ``(model, tokenizer)`` in eval mode.
 
 from __future__ import annotations
 
+
 import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
+from ..fsutil import atomic_dir
 from .adapters import SUPPORTED_MODEL_TYPES, check_supported
 
 CARD_NAME = "qbench_model_card.json"
@@ -87,31 +84,6 @@ def _weight_files(d: Path) -> list[Path]:
 
 def _is_true(value: str | None) -> bool:
     return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-@contextmanager
-def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a fresh sibling temp dir ``<out_dir>.tmp-XXXX``; on success it replaces ``out_dir``
-    (an existing ``out_dir`` is moved aside first, then deleted), on any error it is removed."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        yield tmp
-        old = None
-        if out.exists() or out.is_symlink():
-            old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _dtype_name(dtype) -> str:
