@@ -1,0 +1,108 @@
+"""QRazor KV4: Significant Data Razoring of the KV cache (the seed's W4A4KV4 / W4KV4 KV part).
+
+K and V are quantized symmetrically to ``base_bits`` integers with an absmax scale (the seed:
+``bits_k = bits_v = 8``), then razored to ``kv_bits`` (sign + ``kv_bits-1`` salient bits) per
+group of ``group_size`` channels of a head, each group storing its shift flag (3 bits for
+int8 → 4-bit; :mod:`qbench.quant.sdr`). Base scales: V per token (one per head and token); K per
+channel (the seed's ``k_per_token=true  # true = per-channel quant``) over blocks of ``k_block``
+tokens — the streaming form of a per-channel scale: a block's keys wait in full precision until
+the block is complete, then are razored with the block's per-channel absmax (like KIVI's K
+groups) — or ``per_token``. The seed describes its KV base as symmetric ("NA"), as done here.
+
+Seed settings: ``k_qrazor_group = 8`` (so ``group_size: 8`` reproduces it; the default 16 is the
+seed's g16 row, effective 4 + 3/16 ≈ 4.19 bits per code before base scales).
+
+Two run-time paths with the same numbers (shared encoder,
+:mod:`qbench.modules.qrazor_kv_cache`):
+
+* **Generation**: :func:`qbench.modules.qrazor_kv_cache.qrazor_kv_cache_for_model` builds a
+  :class:`QRazorKVCache` (packed codes + packed flags + fp16 scales) from ``model._qbench_kv``;
+  ``prefill_with_quant`` decides whether a multi-token prefill attends to its own tokens razored.
+* **Perplexity** (``use_cache=False``): a ``qkv`` attention hook (``"qrazor_kv.kv"``) replaces
+  K/V by what the cache holding the sequence returns (bit-identical).
+
+Nothing is stored in the checkpoint; loading re-runs :meth:`QRazorKV.attach`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..modules.kv_cache import is_served
+from ..modules.qrazor_kv_cache import qrazor_kv_expected_nbytes, qrazor_kv_fake_quant
+from ..quant.sdr import effective_bits, flag_bits
+from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
+from .kivi import check_full_attention, install_kv_hook, kv_dims
+
+HOOK = "qrazor_kv.kv"
+
+
+def make_qrazor_kv_fake_quant(cfg):
+    """``kv_fake_quant(k, v, layer_idx) -> (k, v)`` for the perplexity path."""
+
+    def kv_fake_quant(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
+        if is_served(key_states):
+            return key_states, value_states
+        k = qrazor_kv_fake_quant(key_states, cfg.kv_bits, cfg.group_size, cfg.base_bits,
+                                 cfg.k_granularity, cfg.k_block)
+        v = qrazor_kv_fake_quant(value_states, cfg.kv_bits, cfg.group_size, cfg.base_bits,
+                                 "per_token")
+        return k, v
+
+    return kv_fake_quant
+
+
+@register
+class QRazorKV(Method):
+    name = "qrazor_kv"
+    kind = "kv"
+    runtime = True
+
+    @dataclass
+    class Config(MethodConfig):
+        kv_bits: int = opt(4, "razored K/V bits (sign + kv_bits-1 salient bits)", range=(2, 8))
+        group_size: int = opt(16, "channels of a head per razoring group (one shift flag each; "
+                              "the seed used 8)", range=(1, 1024))
+        base_bits: int = opt(8, "absmax base integer width before razoring (the seed: 8)",
+                             choices=(8, 16))
+        k_granularity: str = opt("per_channel", "K base scale: per channel over blocks of k_block "
+                                 "tokens (the seed) or per token", choices=("per_channel", "per_token"))
+        k_block: int = opt(128, "tokens per per-channel K scale block (newest T mod k_block keys "
+                           "stay in full precision)", range=(1, 1 << 20))
+        v_granularity: str = opt("per_token", "V base scale (per head and token)",
+                                 choices=("per_token",))
+        prefill_with_quant: bool = opt(False, "a generation prefill attends to its own tokens "
+                                       "razored (true) or in full precision (false)")
+
+        def validate(self, key: str) -> None:
+            if self.kv_bits > self.base_bits:
+                raise ConfigError(f"{key}.kv_bits={self.kv_bits} exceeds base_bits={self.base_bits}; "
+                                  f"allowed: 2..{min(8, self.base_bits)}")
+
+    def check(self, model: nn.Module, cfg: Config, key: str) -> None:
+        check_full_attention(model, key)
+        _, _, d = kv_dims(model)
+        if d % cfg.group_size:
+            ok = [g for g in (4, 8, 16, 32, 64, 128) if d % g == 0]
+            raise ConfigError(f"{key}.group_size={cfg.group_size} does not divide head_dim={d}; "
+                              f"sizes that work: {', '.join(map(str, ok)) or 'none'}")
+
+    def attach(self, model: nn.Module, cfg: Config) -> None:
+        model._qbench_kv = {"method": self.name, "config": cfg}
+        install_kv_hook(model, HOOK, make_qrazor_kv_fake_quant(cfg))
+
+    def apply(self, model: nn.Module, cfg: Config, ctx: QuantContext) -> dict:
+        self.attach(model, cfg)
+        n, h, d = kv_dims(model)
+        fb = flag_bits(cfg.kv_bits, cfg.base_bits) if cfg.kv_bits < cfg.base_bits else 0
+        code = effective_bits(cfg.kv_bits, cfg.group_size, cfg.base_bits) if fb else float(cfg.kv_bits)
+        eff = {"k": code + (16 / cfg.k_block if cfg.k_granularity == "per_channel" else 16 / d),
+               "v": code + 16 / d}
+        t = 4096
+        ratio = qrazor_kv_expected_nbytes(cfg, t, n_layers=n, n_kv_heads=h, head_dim=d) / (
+            2 * n * h * d * t * 2)
+        return {"layers": n, "kv_heads": h, "head_dim": d, "flag_bits": fb,
+                "kv_bits_per_value": eff, "ratio_vs_fp16_at_4096": ratio}
