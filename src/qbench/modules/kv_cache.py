@@ -481,6 +481,10 @@ def cache_for_model(model: nn.Module, *, prefill_with_quant: bool | None = None)
                          residual=cfg.residual, prefill_with_quant=pwq)
     if kv["method"] == "kvquant":
         return KVQuantCache.from_model(model, prefill_with_quant=prefill_with_quant)
+    if kv["method"] == "qrazor_kv":
+        from .qrazor_kv_cache import qrazor_kv_cache_for_model
+
+        return qrazor_kv_cache_for_model(model, prefill_with_quant=prefill_with_quant)
     raise ValueError(f"unknown KV method {kv['method']!r}")
 
 
@@ -570,4 +574,8 @@ def expected_nbytes(cfg, n_tokens: int, *, model_config=None, n_layers: int | No
     if hasattr(cfg, "outlier_fraction"):
         return kvquant_expected_nbytes(n_tokens, bits=cfg.bits, outlier_fraction=cfg.outlier_fraction,
                                        first_fp16=cfg.first_fp16, k_outliers=k_outliers, **dims)
+    if hasattr(cfg, "kv_bits"):
+        from .qrazor_kv_cache import qrazor_kv_expected_nbytes
+
+        return qrazor_kv_expected_nbytes(cfg, n_tokens, **dims)
     raise TypeError(f"expected_nbytes: {type(cfg).__name__} is not a KV method config")

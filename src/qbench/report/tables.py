@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-KV_METHODS = ("kivi", "kvquant")
+KV_METHODS = ("kivi", "kvquant", "qrazor_kv")
 ACT_METHODS = ("smoothquant", "llm_int8")
 FAMILIES = ("weight-only", "weight-activation", "KV cache")
 
