@@ -145,6 +145,7 @@ def base_record(kind: str, manifest: dict, *, model: str | None, recipe: str | N
         "recipe_hash": manifest.get("inputs", {}).get("recipe_hash") or hash_obj(manifest.get("recipe", [])),
         "effective_bits": manifest.get("effective_bits", 16.0),
         "quantize_seconds": stats.get("quantize_seconds"),
+        "quantize_stages": stats.get("stages", []),
         "calibration": manifest.get("inputs", {}).get("calibration", {}),
         "execution": execution or ("packed checkpoint: dequantize + dense matmul (reference path)"
                                    if manifest.get("modules") else "fp (no quantized modules)"),

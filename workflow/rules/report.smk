@@ -32,6 +32,18 @@ rule report:
             subcategory="KV cache",
             caption="../../reports/captions/needle.rst",
         ),
+        alpha_png=report(
+            "reports/{model}/figures/alpha_sweep.png",
+            category="{model}",
+            subcategory="Weight-activation",
+            caption="../../reports/captions/alpha_sweep.rst",
+        ),
+        outliers_png=report(
+            "reports/{model}/figures/outliers.png",
+            category="{model}",
+            subcategory="Weight-activation",
+            caption="../../reports/captions/outliers.rst",
+        ),
         readme="reports/{model}/README.md",
     params:
         recipes=RECIPES,

@@ -26,6 +26,8 @@ def describe_recipe(stages: list[dict]) -> dict:
             out["group"] = "channel" if g == -1 else ("tensor" if g == 0 else g)
         if args.get("a_bits", 16) < 16:
             out["A"] = args["a_bits"]
+        if name == "smoothquant":
+            out["alpha"] = args.get("alpha")
         if name in KV_METHODS or args.get("k_bits", 16) < 16 or args.get("kv_bits", 16) < 16:
             out["KV"] = args.get("k_bits", args.get("bits", args.get("kv_bits")))
         if name in ACT_METHODS:
@@ -35,6 +37,15 @@ def describe_recipe(stages: list[dict]) -> dict:
                      "weight-activation" if (out["A"] < 16 or any(n in ACT_METHODS for n in names)) else
                      "weight-only")
     return out
+
+
+def _outlier_per_layer(rec: dict) -> str | None:
+    """LLM.int8() outlier-dimension fractions per layer (from the quantize stage's statistics)."""
+    for st in rec.get("quantize_stages") or []:
+        per = st.get("per_layer") if isinstance(st, dict) else None
+        if per:
+            return json.dumps({k: v.get("mean_outlier_frac") for k, v in per.items()})
+    return None
 
 
 def load_records(paths) -> pd.DataFrame:
@@ -47,6 +58,7 @@ def load_records(paths) -> pd.DataFrame:
             "quantize_seconds": rec.get("quantize_seconds"), "record": str(p),
             "git_commit": rec.get("provenance", {}).get("git_commit"),
             "recipe_hash": rec.get("recipe_hash"),
+            "outlier_frac": _outlier_per_layer(rec),
             **describe_recipe(rec.get("recipe_resolved", [])),
         }
         metrics = rec.get("metrics") or {}
@@ -130,6 +142,63 @@ def plot_needle(df: pd.DataFrame, out_png: str | Path, recipe_order: list[str] |
     plt.close(fig)
 
 
+def plot_alpha_sweep(df: pd.DataFrame, out_png: str | Path) -> bool:
+    """SmoothQuant migration strength α vs perplexity (one line per corpus and W/A setting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "alpha" not in df:
+        return False
+    d = df[(df["kind"] == "ppl") & df["alpha"].notna()]
+    groups = [(k, g) for k, g in d.groupby(["W", "A", "corpus"]) if g["alpha"].nunique() >= 3]
+    if not groups:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (w, a, corpus), g in groups:
+        g = g.sort_values("alpha")
+        ax.plot(g["alpha"], g["ppl"], "o-", label=f"W{w}A{a} {corpus}")
+    ax.set_xlabel("migration strength α")
+    ax.set_ylabel("perplexity")
+    ax.set_title("SmoothQuant α sweep")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_outliers(df: pd.DataFrame, out_png: str | Path) -> bool:
+    """Fraction of activation dimensions above the LLM.int8() threshold, per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "outlier_frac" not in df:
+        return False
+    d = df[(df["kind"] == "ppl") & df["outlier_frac"].notna()].drop_duplicates("recipe")
+    if d.empty:
+        return False
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    for _, r in d.iterrows():
+        per = json.loads(r["outlier_frac"])
+        for kind in ("q_proj", "o_proj", "gate_proj", "down_proj"):
+            items = [(n, v) for n, v in per.items() if n.endswith(kind)]
+            ax.plot(range(len(items)), [100 * v for _, v in items], marker=".", label=f"{r['recipe']} {kind}")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("outlier dims per token (%)")
+    ax.set_title("LLM.int8(): input dimensions above the threshold, per layer")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def to_markdown(t: pd.DataFrame, floatfmt: str = ".3f") -> str:
     if t.empty:
         return "_no records_\n"
@@ -179,6 +248,19 @@ def plot_ppl_vs_bits(df: pd.DataFrame, out_png: str | Path, title: str = "") -> 
     plt.close(fig)
 
 
+def _empty_figure(path: Path, text: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 1.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order: list[str] | None = None,
                  outputs: dict[str, str] | None = None) -> dict[str, str]:
     """Write the perplexity table (md/csv), the ppl-vs-bits figure and a README for one model."""
@@ -193,6 +275,9 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "readme": outputs.get("readme", out_dir / "README.md"),
         "records_csv": outputs.get("records_csv", out_dir / "tables" / "records.csv"),
     }
+    for key in ("alpha_png", "outliers_png"):
+        if key in outputs:
+            paths[key] = outputs[key]
     if "kv_md" in outputs or (df["kind"].isin(["needle", "kv_memory"]).any() and not outputs):
         paths["kv_md"] = outputs.get("kv_md", out_dir / "tables" / "kv_cache.md")
         paths["needle_png"] = outputs.get("needle_png", out_dir / "figures" / "needle.png")
@@ -208,6 +293,15 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
     if "kv_md" in paths:
         Path(paths["kv_md"]).write_text(kv_md)
         plot_needle(df, paths["needle_png"], recipe_order)
+    extra_figs = []
+    for key, fn, title in (("alpha_png", plot_alpha_sweep, "SmoothQuant α sweep"),
+                           ("outliers_png", plot_outliers, "LLM.int8() outlier dimensions per layer")):
+        target = Path(paths.get(key, out_dir / "figures" / f"{key[:-4]}.png"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if fn(df, target):
+            extra_figs.append(f"![{title}](figures/{target.name})")
+        elif key in paths:  # a declared output must exist: write an explanatory placeholder figure
+            _empty_figure(target, f"{title}: no matching records in this run")
     commits = sorted(set(df["git_commit"].dropna())) if "git_commit" in df else []
     readme = [
         f"# qbench report: {model}", "",
@@ -221,6 +315,7 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
            "Needle-in-a-haystack exact-match accuracy (greedy generation through the recipe's "
            "quantized cache) and the bytes the cache really holds, relative to an fp16 cache.", "",
            kv_md, "![needle in a haystack](figures/needle.png)", ""] if "kv_md" in paths else []),
+        *(["## Further figures", "", *extra_figs, ""] if extra_figs else []),
         f"Records: {len(df)} (one JSON per recipe × evaluation under `results/{model}/`); "
         f"qbench commit(s): {', '.join(commits) or 'unknown'}.", "",
     ]
