@@ -166,9 +166,9 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
     losses = torch.zeros(out_f, device=W.device)
     # Group of each processed column (processing order).
-    col_group = torch.arange(in_f, device=W.device) // gs
+    col_group = (torch.arange(in_f) // gs).tolist()
     if grouped and static_groups and perm is not None:
-        col_group = perm // gs
+        col_group = (perm.cpu() // gs).tolist()
     s = z = None
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
@@ -186,7 +186,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec
                 g = col // gs
                 scales[:, g], zeros[:, g] = group_qparams(cols, spec, mse)
             if s is None or grouped:
-                g = int(col_group[col]) if grouped else 0
+                g = col_group[col] if grouped else 0
                 s, z = scales[:, g], zeros[:, g]
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
             codes[:, col] = q.to(torch.uint8)
