@@ -125,3 +125,20 @@ def test_offload_and_model_left_unchanged():
     # The model still runs normally afterwards (hooks removed).
     assert isinstance(model.model.layers[0], nn.Module)
     torch.testing.assert_close(last_block_output(model, ids), ref)
+
+
+def test_kwargs_for_uncaptured_chunk_sizes():
+    model = tiny_llama("eager", layers=1)
+    ids = torch.randint(0, 128, (4, 8), generator=torch.Generator().manual_seed(4))
+    ref = last_block_output(model, ids)
+
+    def cb(i, block, inputs):
+        assert sorted(inputs.kwargs_by_batch) == [4]
+        kw3 = inputs.kwargs_for(3)  # sliced from the batch-4 mask
+        assert kw3["attention_mask"].shape[0] == 3
+        out = block(inputs.chunk(0, 3), **kw3)
+        torch.testing.assert_close(out, ref[:3], atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="batch_size=5"):
+            inputs.kwargs_for(5)
+
+    run_blockwise(model, ids, cb, progress=False, batch_size=4)

@@ -115,7 +115,26 @@ class BlockInputs:
         return self.kwargs_for(min(self.batch_size, self.n))
 
     def kwargs_for(self, b: int) -> dict:
-        return self.kwargs_by_batch[b]
+        """Block kwargs for a chunk of ``b`` samples. Sizes seen during capture are exact; others
+        are derived from a captured size ``B``: batch-1 tensors broadcast as they are, tensors
+        with a leading dimension ``B ≥ b`` (4-D masks) are sliced to ``b``."""
+        kw = self.kwargs_by_batch.get(b)
+        if kw is None:
+            B = 1 if 1 in self.kwargs_by_batch else max(self.kwargs_by_batch)
+            if B != 1 and b > B:
+                raise ValueError(f"no block kwargs for a chunk of {b} samples (captured: "
+                                 f"{sorted(self.kwargs_by_batch)}); pass batch_size={b} to run_blockwise")
+
+            def fit(v):
+                if isinstance(v, torch.Tensor) and B > 1 and v.dim() > 0 and v.shape[0] == B:
+                    return v[:b]
+                if isinstance(v, (tuple, list)):
+                    return type(v)(fit(o) for o in v)
+                return v
+
+            kw = {k: fit(v) for k, v in self.kwargs_by_batch[B].items()}
+            self.kwargs_by_batch[b] = kw
+        return kw
 
     def chunks(self) -> Iterator[tuple[int, int, dict]]:
         for s in range(0, self.n, self.batch_size):
