@@ -527,8 +527,10 @@ def _offline(enabled: bool):
 def _num(v):
     if isinstance(v, bool) or v is None:
         return v
-    if isinstance(v, (int, float)):
-        return None if isinstance(v, float) and not math.isfinite(v) else v
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float):
+        return float(v) if math.isfinite(v) else None
     try:  # numpy scalars
         f = float(v)
         return None if not math.isfinite(f) else f
