@@ -60,6 +60,13 @@ def test_smoke_pipeline_produces_records_tables_and_report(smoke):
     mem = json.loads((wd / "results/tiny/kivi-2/eval/kv_memory.json").read_text())["metrics"]["records"][0]
     assert mem["measured_bytes"] == mem["expected_bytes"] and mem["ratio_vs_fp16"] < 0.5
     assert (wd / "reports/tiny/figures/needle.png").stat().st_size > 3000
+    readme = (wd / "reports/tiny/README.md").read_text()
+    assert "qbench_mmlu_anatomy" not in readme and "qbench_mmlu/acc" in readme
+    assert "## Zero-shot tasks" in readme and "## Chat" in readme and "## Weight and activation statistics" in readme
+    tasks = json.loads((wd / "results/tiny/fp/eval/tasks.json").read_text())
+    assert 0 <= tasks["metrics"]["qbench_mmlu/acc"] <= 1
+    stats = json.loads((wd / "results/tiny/w4-rtn-g32/eval/stats.json").read_text())
+    assert 0 < stats["metrics"]["weight_sqnr_db_mean"] < 60
     # SmoothQuant read the shared calibration statistics computed once by the calib_stats rule
     assert (wd / "results/tiny/calib/tiny-4x64-s0/stats.safetensors").exists()
     assert "re-collecting" not in (wd / "logs/tiny/sq-w8a8/quantize.log").read_text()

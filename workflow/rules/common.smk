@@ -14,6 +14,15 @@ RUNTIME = config.get("runtime", {})
 
 KV_EVAL = config["eval"].get("kv") or {}
 KV_RECIPES = [r for r in KV_EVAL.get("recipes", []) if r in RECIPES]
+TASKS_EVAL = config["eval"].get("tasks") or {}
+CHAT_EVAL = config["eval"].get("chat") or {}
+STATS_EVAL = config["eval"].get("stats") or {}
+
+
+def _eval_recipes(section):
+    """Recipes an optional evaluation runs on: its `recipes` list, or every recipe with `all`."""
+    names = section.get("recipes", [])
+    return list(RECIPES) if names == "all" else [r for r in names if r in RECIPES]
 
 
 def all_targets():
@@ -26,6 +35,9 @@ def all_records(wildcards):
                   recipe=RECIPES, corpus=PPL_CORPORA)
     recs += expand("results/{model}/{recipe}/eval/{name}.json", model=wildcards.model,
                    recipe=KV_RECIPES, name=["needle", "kv_memory"])
+    for section, name in ((TASKS_EVAL, "tasks"), (CHAT_EVAL, "chat"), (STATS_EVAL, "stats")):
+        recs += expand("results/{model}/{recipe}/eval/{name}.json", model=wildcards.model,
+                       recipe=_eval_recipes(section), name=name)
     return recs
 
 

@@ -51,3 +51,88 @@ rule eval_kv:
         "../../envs/qbench.yaml"
     script:
         "../scripts/eval_kv.py"
+
+
+rule eval_tasks:
+    input:
+        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+        corpora=lambda wc: expand(
+            "resources/data/{model}/{corpus}/corpus.json",
+            model=wc.model,
+            corpus=TASKS_EVAL.get("corpora", []),
+        ),
+    output:
+        record="results/{model}/{recipe}/eval/tasks.json",
+    params:
+        tasks=lambda wc: TASKS_EVAL.get("tasks", []),
+        corpora=TASKS_EVAL.get("corpora", []),
+        mmlu_subset=TASKS_EVAL.get("mmlu_subset", 10),
+        cloze_n=TASKS_EVAL.get("cloze_n", 200),
+        wikitext_max_docs=TASKS_EVAL.get("wikitext_max_docs"),
+        num_fewshot=TASKS_EVAL.get("num_fewshot"),
+        limit=TASKS_EVAL.get("limit"),
+        batch_size=TASKS_EVAL.get("batch_size", 1),
+        dtype=TASKS_EVAL.get("dtype", "float32"),
+    log:
+        "logs/{model}/{recipe}/eval_tasks.log",
+    benchmark:
+        "benchmarks/out/{model}/{recipe}/eval_tasks.tsv"
+    threads: threads_for("eval")
+    resources:
+        gpu=1,
+        mem_mb=RUNTIME.get("mem_mb", {}).get("eval", 4000),
+    conda:
+        "../../envs/qbench.yaml"
+    script:
+        "../scripts/eval_tasks.py"
+
+
+rule eval_chat:
+    input:
+        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+    output:
+        record="results/{model}/{recipe}/eval/chat.json",
+    params:
+        prompts=CHAT_EVAL.get("prompts"),
+        max_new_tokens=CHAT_EVAL.get("max_new_tokens", 128),
+        system=CHAT_EVAL.get("system"),
+        dtype=CHAT_EVAL.get("dtype", "float32"),
+    log:
+        "logs/{model}/{recipe}/eval_chat.log",
+    benchmark:
+        "benchmarks/out/{model}/{recipe}/eval_chat.tsv"
+    threads: threads_for("eval")
+    resources:
+        gpu=1,
+        mem_mb=RUNTIME.get("mem_mb", {}).get("eval", 4000),
+    conda:
+        "../../envs/qbench.yaml"
+    script:
+        "../scripts/eval_chat.py"
+
+
+rule eval_stats:
+    input:
+        card="resources/models/{model}/qbench_model_card.json",
+        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+        corpus=lambda wc: f"resources/data/{wc.model}/{STATS_EVAL.get('corpus', PPL_CORPORA[0])}/corpus.json",
+    output:
+        record="results/{model}/{recipe}/eval/stats.json",
+        files=directory("results/{model}/{recipe}/eval/stats"),
+    params:
+        n_windows=STATS_EVAL.get("n_windows", 4),
+        seqlen=STATS_EVAL.get("seqlen", 256),
+        outlier_k=STATS_EVAL.get("outlier_k", 20),
+        dtype=STATS_EVAL.get("dtype", "float32"),
+    log:
+        "logs/{model}/{recipe}/eval_stats.log",
+    benchmark:
+        "benchmarks/out/{model}/{recipe}/eval_stats.tsv"
+    threads: threads_for("eval")
+    resources:
+        gpu=1,
+        mem_mb=RUNTIME.get("mem_mb", {}).get("eval", 4000),
+    conda:
+        "../../envs/qbench.yaml"
+    script:
+        "../scripts/eval_stats.py"

@@ -44,6 +44,12 @@ rule report:
             subcategory="Weight-activation",
             caption="../../reports/captions/outliers.rst",
         ),
+        distance_png=report(
+            "reports/{model}/figures/distance.png",
+            category="{model}",
+            subcategory="Statistics",
+            caption="../../reports/captions/distance.rst",
+        ),
         readme="reports/{model}/README.md",
     params:
         recipes=RECIPES,

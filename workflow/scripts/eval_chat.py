@@ -1,0 +1,13 @@
+"""Snakemake script: the chat prompts through one checkpoint (greedy, fixed max tokens)."""
+from pathlib import Path
+
+from qbench.workflow import job
+
+with job(snakemake, gpu=True):  # noqa: F821 - injected by Snakemake
+    from qbench.eval.chat import evaluate_chat
+
+    smk = snakemake  # noqa: F821
+    p = smk.params
+    evaluate_chat(Path(smk.input.manifest).parent, smk.output.record, prompts=p.prompts,
+                  max_new_tokens=p.max_new_tokens, system=p.system, dtype=p.dtype,
+                  model_name=smk.wildcards.model, recipe_name=smk.wildcards.recipe)
