@@ -44,8 +44,9 @@ def _outlier_per_layer(rec: dict) -> str | None:
     """LLM.int8() outlier-dimension fractions per layer (from the quantize stage's statistics)."""
     for st in rec.get("quantize_stages") or []:
         per = st.get("per_layer") if isinstance(st, dict) else None
-        if per:
-            return json.dumps({k: v.get("mean_outlier_frac") for k, v in per.items()})
+        if isinstance(per, dict) and per and all(isinstance(v, dict) and "mean_outlier_frac" in v
+                                                 for v in per.values()):
+            return json.dumps({k: v["mean_outlier_frac"] for k, v in per.items()})
     return None
 
 
