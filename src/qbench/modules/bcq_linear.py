@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from .qlinear import DequantCache
 from torch import nn
 
 from ..quant.bcq import BCQResult, bcq_dequantize, pack_planes, unpack_planes
@@ -27,7 +28,10 @@ _OFFSET_DTYPES = {16: torch.float16, 32: torch.float32}
 
 
 @register_module_type
-class BCQLinear(nn.Module):
+class BCQLinear(DequantCache, nn.Module):
+    _anchor = "qplanes"
+    _keep_dtype = ("alphas", "offsets")
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = -1,
                  offset_bits: int = 0, bias: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -85,29 +89,6 @@ class BCQLinear(nn.Module):
         w = bcq_dequantize(self.planes(), self.alphas.cpu(),
                            None if self.offsets is None else self.offsets.cpu())
         return w.to(self.qplanes.device)
-
-    def weight_for_compute(self) -> torch.Tensor:
-        w = self._w
-        if w is None or w.device != self.qplanes.device:
-            w = self.dequantized_weight().to(self.compute_dtype)
-            self._w = w
-        return w
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_for_compute()
-
-    def _apply(self, fn, recurse=True):
-        # Keep the stored alphas/offsets in their storage dtype under model-wide casts.
-        self._w = None
-        keep = {k: self._buffers[k] for k in ("alphas", "offsets") if self._buffers.get(k) is not None}
-        out = super()._apply(fn, recurse)
-        for k, t in keep.items():
-            self._buffers[k] = t.to(self.qplanes.device)
-        probe = fn(torch.zeros((), dtype=self.compute_dtype))
-        if probe.is_floating_point():
-            self.compute_dtype = probe.dtype
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_for_compute()

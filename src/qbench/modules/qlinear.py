@@ -42,7 +42,42 @@ class ActQuantMixin:
         return {"a_bits": self.a_bits, "a_granularity": self.a_granularity, "a_sym": self.a_sym}
 
 
-class QuantLinear(nn.Module, ActQuantMixin):
+class DequantCache:
+    """Shared execution of packed weight layouts: dequantize once into a cached dense weight in the
+    compute dtype (dropped on ``.to()``), expose it as ``.weight``, and keep the buffers named in
+    ``_keep_dtype`` (scales etc., part of the stored format) exact under model-wide dtype casts.
+    Subclasses set ``_anchor`` (a buffer that always exists) and implement ``dequantized_weight``."""
+
+    _anchor: str = "qweight"
+    _keep_dtype: tuple = ()
+
+    def weight_for_compute(self) -> torch.Tensor:
+        w = self._w
+        if w is None or w.device != self._buffers[self._anchor].device:
+            w = self.dequantized_weight().to(self.compute_dtype)
+            self._w = w
+        return w
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that inspects ``.weight`` (dtype/device, stats)
+        return self.weight_for_compute()
+
+    def _apply(self, fn, recurse=True):
+        self._w = None
+        keep = {k: self._buffers[k] for k in self._keep_dtype if self._buffers.get(k) is not None}
+        out = super()._apply(fn, recurse)
+        dev = self._buffers[self._anchor].device
+        for k, t in keep.items():
+            self._buffers[k] = t.to(dev)
+        probe = fn(torch.zeros((), dtype=self.compute_dtype))
+        if probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        return out
+
+
+class QuantLinear(DequantCache, nn.Module, ActQuantMixin):
+    _keep_dtype = ("scales",)
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = -1,
                  sym: bool = False, bias: bool = False, has_g_idx: bool = False,
                  a_bits: int = 16, a_granularity: str = "per_token", a_sym: bool = True,
@@ -114,29 +149,6 @@ class QuantLinear(nn.Module, ActQuantMixin):
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.scales.float(), self.zero_points(), self.g_idx)
-
-    def weight_for_compute(self) -> torch.Tensor:
-        w = self._w
-        if w is None or w.device != self.qweight.device:
-            w = self.dequantized_weight().to(self.compute_dtype)
-            self._w = w
-        return w
-
-    @property
-    def weight(self) -> torch.Tensor:  # for code that inspects ``.weight`` (dtype/device, stats)
-        return self.weight_for_compute()
-
-    def _apply(self, fn, recurse=True):
-        # .to()/.half(): drop the dense cache, and keep the stored fp16 scales exact (a model-wide
-        # cast to bf16 must not round them: they are part of the quantized format).
-        self._w = None
-        scales = self.scales
-        out = super()._apply(fn, recurse)
-        self._buffers["scales"] = scales.to(self.scales.device)
-        probe = fn(torch.zeros((), dtype=self.compute_dtype))
-        if probe.is_floating_point():
-            self.compute_dtype = probe.dtype
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_for_compute()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from .qlinear import DequantCache
 from torch import nn
 
 from ..quant.packing import pack, packed_words, unpack
@@ -49,7 +50,10 @@ class SDRActMixin:
 
 
 @register_module_type
-class SDRLinear(nn.Module, SDRActMixin):
+class SDRLinear(DequantCache, nn.Module, SDRActMixin):
+    _anchor = "qweight"
+    _keep_dtype = ("scales",)
+
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 8,
                  base_bits: int = 8, w_granularity: str = "per_channel", bias: bool = False,
                  a_bits: int = 16, a_group_size: int = 8, a_base_bits: int = 8,
@@ -129,27 +133,6 @@ class SDRLinear(nn.Module, SDRActMixin):
         ints = (c << self.shifts().unsqueeze(-1)).reshape(self.out_features, self.in_features)
         scale = self.scales.float().cpu().reshape(-1, 1)
         return (ints.float() * scale).to(self.qweight.device)
-
-    def weight_for_compute(self) -> torch.Tensor:
-        w = self._w
-        if w is None or w.device != self.qweight.device:
-            w = self.dequantized_weight().to(self.compute_dtype)
-            self._w = w
-        return w
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_for_compute()
-
-    def _apply(self, fn, recurse=True):
-        self._w = None
-        scales = self.scales
-        out = super()._apply(fn, recurse)
-        self._buffers["scales"] = scales.to(self.qweight.device)
-        probe = fn(torch.zeros((), dtype=self.compute_dtype))
-        if probe.is_floating_point():
-            self.compute_dtype = probe.dtype
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_for_compute()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from .qlinear import DequantCache
 from torch import nn
 
 from ..quant.packing import pack, packed_words, unpack
@@ -52,7 +53,9 @@ def qdq_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> t
 
 
 @register_module_type
-class SpQRLinear(nn.Module):
+class SpQRLinear(DequantCache, nn.Module):
+    _anchor = "qweight"
+
     def __init__(self, in_features: int, out_features: int, bits: int, groupsize: int = 16,
                  qq_scale_bits: int = 3, qq_zero_bits: int = 3, qq_groupsize: int = 16,
                  nnz: int = 0, has_perm: bool = False, bias: bool = False,
@@ -95,6 +98,7 @@ class SpQRLinear(nn.Module):
         self._w: torch.Tensor | None = None
 
     _FP16 = ("scale_stats", "zero_stats", "scales", "zeros", "outlier_values")
+    _keep_dtype = _FP16
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -176,28 +180,6 @@ class SpQRLinear(nn.Module):
         if self.perm is not None:
             w = w[:, torch.argsort(self.perm.cpu().long())]
         return w.to(self.qweight.device)
-
-    def weight_for_compute(self) -> torch.Tensor:
-        w = self._w
-        if w is None or w.device != self.qweight.device:
-            w = self.dequantized_weight().to(self.compute_dtype)
-            self._w = w
-        return w
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_for_compute()
-
-    def _apply(self, fn, recurse=True):
-        self._w = None
-        keep = {k: self._buffers[k] for k in self._FP16 if self._buffers.get(k) is not None}
-        out = super()._apply(fn, recurse)
-        for k, t in keep.items():
-            self._buffers[k] = t.to(self.qweight.device)
-        probe = fn(torch.zeros((), dtype=self.compute_dtype))
-        if probe.is_floating_point():
-            self.compute_dtype = probe.dtype
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_for_compute()
