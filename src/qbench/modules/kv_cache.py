@@ -492,7 +492,7 @@ def cache_for_model(model: nn.Module, *, prefill_with_quant: bool | None = None)
 def _storage_key(t: torch.Tensor):
     try:
         return (t.device, t.untyped_storage().data_ptr())
-    except RuntimeError:  # (NotImplementedError is a RuntimeError) pragma: no cover
+    except RuntimeError:  # storage-less tensor subclasses; pragma: no cover
         return (t.device, t.data_ptr())
 
 

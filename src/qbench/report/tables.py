@@ -13,6 +13,16 @@ ACT_METHODS = ("smoothquant", "llm_int8")
 FAMILIES = ("weight-only", "weight-activation", "KV cache")
 
 
+def _pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (report jobs have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def describe_recipe(stages: list[dict]) -> dict:
     """Method label and headline knobs of a resolved recipe."""
     if not stages:
@@ -119,10 +129,7 @@ def kv_table(df: pd.DataFrame, recipe_order: list[str] | None = None) -> pd.Data
 
 def plot_needle(df: pd.DataFrame, out_png: str | Path, recipe_order: list[str] | None = None) -> None:
     """One heat-map (insertion depth × context length) per recipe, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     d = df[df["kind"] == "needle"].set_index("recipe")
     names = [r for r in (recipe_order or []) if r in d.index] + sorted(set(d.index) - set(recipe_order or []))
@@ -151,10 +158,7 @@ def plot_needle(df: pd.DataFrame, out_png: str | Path, recipe_order: list[str] |
 
 def plot_alpha_sweep(df: pd.DataFrame, out_png: str | Path) -> bool:
     """SmoothQuant migration strength α vs perplexity (one line per corpus and W/A setting)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if "alpha" not in df:
         return False
@@ -179,10 +183,7 @@ def plot_alpha_sweep(df: pd.DataFrame, out_png: str | Path) -> bool:
 
 def plot_outliers(df: pd.DataFrame, out_png: str | Path) -> bool:
     """Fraction of activation dimensions above the LLM.int8() threshold, per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if "outlier_frac" not in df:
         return False
@@ -268,10 +269,7 @@ def stats_table(df: pd.DataFrame, recipe_order=None) -> pd.DataFrame:
 
 
 def plot_distance(df: pd.DataFrame, out_png: str | Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     d = df[df["kind"] == "stats"]
     if d.empty:
@@ -312,10 +310,7 @@ def family_sections(t: pd.DataFrame) -> list[str]:
 
 
 def plot_ppl_vs_bits(df: pd.DataFrame, out_png: str | Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     d = df[df["kind"] == "ppl"].copy()
     corpora = sorted(d["corpus"].dropna().unique())
@@ -341,10 +336,7 @@ def plot_ppl_vs_bits(df: pd.DataFrame, out_png: str | Path, title: str = "") -> 
 
 
 def _empty_figure(path: Path, text: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 1.5))
     ax.axis("off")
