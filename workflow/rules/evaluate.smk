@@ -72,6 +72,7 @@ rule eval_tasks:
         num_fewshot=TASKS_EVAL.get("num_fewshot"),
         limit=TASKS_EVAL.get("limit"),
         batch_size=TASKS_EVAL.get("batch_size", 1),
+        max_length=TASKS_EVAL.get("max_length"),
         dtype=TASKS_EVAL.get("dtype", "float32"),
     log:
         "logs/{model}/{recipe}/eval_tasks.log",

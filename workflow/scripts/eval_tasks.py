@@ -14,5 +14,5 @@ with job(snakemake, gpu=True):  # noqa: F821 - injected by Snakemake
         evaluate_tasks(Path(smk.input.manifest).parent, list(p.tasks), smk.output.record, corpora=corpora,
                        tasks_dir=tasks_dir, mmlu_subset=p.mmlu_subset, cloze_n=p.cloze_n,
                        wikitext_max_docs=p.wikitext_max_docs, num_fewshot=p.num_fewshot, limit=p.limit,
-                       batch_size=p.batch_size, dtype=p.dtype, model_name=smk.wildcards.model,
+                       batch_size=p.batch_size, max_length=p.max_length, dtype=p.dtype, model_name=smk.wildcards.model,
                        recipe_name=smk.wildcards.recipe)
