@@ -93,7 +93,16 @@ def test_html_report(smoke):
     wd = smoke
     smk(wd, "--configfile", str(wd / "smoke.yaml"), "--report", str(wd / "report.html"))
     html = (wd / "report.html").read_text()
-    assert len(html) > 50_000 and "ppl_vs_bits" in html
+    assert len(html) > 50_000 and "ppl_vs_bits" in html and "pareto.png" in html and "tasks.md" in html
+    from qbench.report.browser import check_html_report, find_chromium
+
+    if not find_chromium():
+        pytest.skip("no Chromium: the report was built but not opened in a browser")
+    r = check_html_report(wd / "report.html", screenshot=wd / "shot.png")
+    names = {Path(i["path"]).name for i in r["images"]}
+    assert r["loaded"] and r["ok"], r
+    assert {"ppl_vs_bits.png", "pareto.png", "needle.png", "distance.png"} <= names
+    assert all(i["width"] > 100 for i in r["images"]) and (wd / "shot.png").stat().st_size > 10_000
 
 
 def test_default_config_dry_run_and_lint(tmp_path):

@@ -38,3 +38,60 @@ def test_describe_recipe_families():
     assert describe_recipe([{"rtn": {"w_bits": 3, "group_size": -1}}])["group"] == "channel"
     d = describe_recipe([{"smoothquant": {"alpha": 0.5}}, {"rtn": {"w_bits": 8, "a_bits": 8}}])
     assert (d["family"], d["W"], d["A"], d["method"]) == ("weight-activation", 8, 8, "smoothquant → rtn")
+
+
+def test_pareto_front_and_memory_accounting(tmp_path):
+    from qbench.report.tables import fp16_kv_bytes, memory_table, load_records, pareto_front, weight_bytes
+
+    assert pareto_front([1, 2, 3, 4], [10, 5, 6, 1]) == [True, True, False, True]
+    assert pareto_front([2, 2], [3, 3]) == [True, True]  # ties: neither strictly beats the other
+    manifest = {"effective_bits": 4.5, "modules": {
+        "a": {"meta": {"in_features": 64, "out_features": 32}}, "b": {"meta": {"in_features": 32, "out_features": 64}},
+        "cb": {"meta": {}}}}
+    # 4096 quantized weights at 4.5 bits + 1000 others at 16 bits
+    assert weight_bytes(manifest, 4096 + 1000) == (4096 * 4.5 + 1000 * 16) / 8
+    card = {"num_parameters": 5096, "num_layers": 2, "num_kv_heads": 1, "head_dim": 8}
+    assert fp16_kv_bytes(card, 100) == 2 * 2 * 1 * 8 * 100 * 2
+    recs = []
+    for name, stages, bits, ppl in (("fp", [], 16.0, 10.0), ("w4", [{"rtn": {"w_bits": 4}}], 4.5, 11.0),
+                                    ("w3", [{"rtn": {"w_bits": 3}}], 3.5, 30.0),
+                                    ("w3bad", [{"rtn": {"w_bits": 3}}], 3.5, 40.0),
+                                    ("kv2", [{"kivi": {"k_bits": 2, "v_bits": 2}}], 16.0, 12.0)):
+        d = tmp_path / "results" / "m" / name
+        (d / "checkpoint").mkdir(parents=True)
+        (d / "eval").mkdir()
+        m = {"effective_bits": bits, "modules": manifest["modules"] if bits < 16 else {}}
+        (d / "checkpoint" / "qbench.json").write_text(json.dumps(m))
+        recs.append(write(d / "eval", name, stages, "wiki", ppl, bits))
+    kvrec = {"kind": "kv_memory", "recipe": "kv2", "recipe_resolved": [{"kivi": {"k_bits": 2, "v_bits": 2}}],
+             "metrics": {"records": [{"context_length": 100, "measured_bytes": 1000, "ratio_vs_fp16": 0.3}]}}
+    (tmp_path / "kv.json").write_text(json.dumps(kvrec))
+    df = load_records(recs + [tmp_path / "kv.json"], card=card)
+    mt = memory_table(df, card).set_index("recipe")
+    mib = 2 ** 20
+    assert mt.loc["fp", "weights (MiB)"] == 5096 * 2 / mib
+    assert mt.loc["w4", "weights (MiB)"] == weight_bytes(manifest, 5096) / mib
+    assert mt.loc["fp", "KV cache @100 (MiB)"] == fp16_kv_bytes(card, 100) / mib
+    assert mt.loc["kv2", "KV cache @100 (MiB)"] == 1000 / mib  # measured, not the formula
+    front = mt["pareto (bits)"].to_dict()
+    assert front == {"fp": True, "kv2": False, "w3": True, "w3bad": False, "w4": True}
+    assert mt["pareto (memory)"].to_dict() == {"fp": True, "kv2": False, "w3": True, "w3bad": False, "w4": True}
+    assert mt.loc["kv2", "total @100 (MiB)"] < mt.loc["fp", "total @100 (MiB)"]
+    paths = build_report(recs + [tmp_path / "kv.json"], tmp_path / "out", model="m", card=card)
+    assert (tmp_path / "out" / "figures" / "pareto.png").stat().st_size > 20_000
+    assert "| w3bad" in (tmp_path / "out" / "tables" / "memory.md").read_text()
+    from qbench.report.tables import build_index
+
+    build_index({"m": paths["readme"]}, tmp_path / "README.md")
+    index = (tmp_path / "README.md").read_text()
+    assert "](out/figures/pareto.png)" in index and "](figures/" not in index
+
+
+def test_describe_recipe_zeroquant_llm_int8_attention():
+    zq = describe_recipe([{"zeroquant": {"w_bits_attn": 8, "w_bits_mlp": 4, "group_size": 64, "a_bits": 16}}])
+    assert (zq["W"], zq["A"], zq["group"], zq["family"]) == ("4/8", 16, 64, "weight-activation")
+    assert describe_recipe([{"zeroquant": {"w_bits_attn": 8, "w_bits_mlp": 8, "a_bits": 8}}])["W"] == 8
+    i8 = describe_recipe([{"llm_int8": {"threshold": 6.0}}])
+    assert (i8["W"], i8["A"]) == (8, 8)
+    aq = describe_recipe([{"rtn": {"w_bits": 8, "a_bits": 8}}, {"attn_quant": {"q_bits": 8, "s_bits": 4}}])
+    assert aq["QS"] == "Q8S4"

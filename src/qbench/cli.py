@@ -88,9 +88,20 @@ def cmd_eval_ppl(a) -> int:
 def cmd_report(a) -> int:
     from .report.tables import build_report
 
-    paths = build_report(a.records, a.out, model=a.model)
+    paths = build_report(a.records, a.out, model=a.model, card=a.card)
     print("\n".join(paths.values()))
     return 0
+
+
+def cmd_check_html(a) -> int:
+    from .report.browser import check_html_report
+
+    r = check_html_report(a.html, screenshot=a.screenshot)
+    shown = sum(i["shown"] for i in r["images"])
+    print(f"{a.html}: app loaded={r['loaded']}, results={r['n_results']}, figures shown {shown}/{len(r['images'])}")
+    for i in r["images"]:
+        print(f"  {'ok ' if i['shown'] else 'NOT'} {i['path']} ({i['width']}x{i['height']})")
+    return 0 if r["ok"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("records", nargs="+")
     s.add_argument("--model", required=True)
     s.add_argument("--out", required=True)
+    s.add_argument("--card", default=None, help="model card JSON (adds weight memory and the Pareto plot)")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("check-html", help="open a `snakemake --report` HTML in headless Chromium and "
+                                          "check that every figure is shown")
+    s.add_argument("html")
+    s.add_argument("--screenshot", default=None, help="PNG of the last figure view")
+    s.set_defaults(fn=cmd_check_html)
     return p
 
 

@@ -26,7 +26,7 @@ def _eval_recipes(section):
 
 
 def all_targets():
-    return expand("reports/{model}/README.md", model=MODELS)
+    return expand("reports/{model}/README.md", model=MODELS) + ["reports/README.md"]
 
 
 def all_records(wildcards):

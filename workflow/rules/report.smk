@@ -1,55 +1,35 @@
-# aggregate + report: every record → one table → markdown/CSV tables, figures and a README.
-# Outputs are declared with report() so `snakemake --report report.html` embeds them.
+# aggregate + report: every record → one table → markdown/CSV tables, figures and a README per
+# model, and reports/README.md over all models. Outputs are declared with report() so
+# `snakemake --report report.html` embeds every table and figure, with captions and categories.
+
+
+def _table(path, sub, caption):
+    return report(path, category="{model}", subcategory=sub, caption=f"../../reports/captions/{caption}.rst")
 
 
 rule report:
     input:
         records=all_records,
+        card="resources/models/{model}/qbench_model_card.json",
+        manifests=lambda wc: expand("results/{model}/{recipe}/checkpoint/qbench.json", model=wc.model,
+                                    recipe=RECIPES),
     output:
-        ppl_md=report(
-            "reports/{model}/tables/perplexity.md",
-            category="{model}",
-            subcategory="Perplexity",
-            caption="../../reports/captions/perplexity.rst",
-        ),
+        ppl_md=_table("reports/{model}/tables/perplexity.md", "Perplexity", "perplexity"),
         ppl_csv="reports/{model}/tables/perplexity.csv",
         records_csv="reports/{model}/tables/records.csv",
-        ppl_png=report(
-            "reports/{model}/figures/ppl_vs_bits.png",
-            category="{model}",
-            subcategory="Perplexity",
-            caption="../../reports/captions/ppl_vs_bits.rst",
-        ),
-        kv_md=report(
-            "reports/{model}/tables/kv_cache.md",
-            category="{model}",
-            subcategory="KV cache",
-            caption="../../reports/captions/kv_cache.rst",
-        ),
-        needle_png=report(
-            "reports/{model}/figures/needle.png",
-            category="{model}",
-            subcategory="KV cache",
-            caption="../../reports/captions/needle.rst",
-        ),
-        alpha_png=report(
-            "reports/{model}/figures/alpha_sweep.png",
-            category="{model}",
-            subcategory="Weight-activation",
-            caption="../../reports/captions/alpha_sweep.rst",
-        ),
-        outliers_png=report(
-            "reports/{model}/figures/outliers.png",
-            category="{model}",
-            subcategory="Weight-activation",
-            caption="../../reports/captions/outliers.rst",
-        ),
-        distance_png=report(
-            "reports/{model}/figures/distance.png",
-            category="{model}",
-            subcategory="Statistics",
-            caption="../../reports/captions/distance.rst",
-        ),
+        ppl_png=_table("reports/{model}/figures/ppl_vs_bits.png", "Perplexity", "ppl_vs_bits"),
+        memory_md=_table("reports/{model}/tables/memory.md", "Pareto", "memory"),
+        memory_csv="reports/{model}/tables/memory.csv",
+        pareto_png=_table("reports/{model}/figures/pareto.png", "Pareto", "pareto"),
+        kv_md=_table("reports/{model}/tables/kv_cache.md", "KV cache", "kv_cache"),
+        needle_png=_table("reports/{model}/figures/needle.png", "KV cache", "needle"),
+        tasks_md=_table("reports/{model}/tables/tasks.md", "Tasks", "tasks"),
+        chat_md=_table("reports/{model}/tables/chat.md", "Chat", "chat"),
+        stats_md=_table("reports/{model}/tables/stats.md", "Statistics", "stats"),
+        distance_png=_table("reports/{model}/figures/distance.png", "Statistics", "distance"),
+        alpha_md=_table("reports/{model}/tables/alpha_sweep.md", "Weight-activation", "alpha_table"),
+        alpha_png=_table("reports/{model}/figures/alpha_sweep.png", "Weight-activation", "alpha_sweep"),
+        outliers_png=_table("reports/{model}/figures/outliers.png", "Weight-activation", "outliers"),
         readme="reports/{model}/README.md",
     params:
         recipes=RECIPES,
@@ -59,3 +39,18 @@ rule report:
         "../../envs/qbench.yaml"
     script:
         "../scripts/report.py"
+
+
+rule report_index:
+    input:
+        readmes=expand("reports/{model}/README.md", model=MODELS),
+    output:
+        "reports/README.md",
+    params:
+        models=MODELS,
+    log:
+        "logs/report_index.log",
+    conda:
+        "../../envs/qbench.yaml"
+    script:
+        "../scripts/report_index.py"

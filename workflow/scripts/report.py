@@ -5,5 +5,8 @@ with job(snakemake):  # noqa: F821 - injected by Snakemake
     from qbench.report.tables import build_report
 
     smk = snakemake  # noqa: F821
+    recipes = list(smk.params.recipes)
     build_report(smk.input.records, f"reports/{smk.wildcards.model}", model=smk.wildcards.model,
-                 recipe_order=list(smk.params.recipes), outputs=dict(smk.output.items()))
+                 recipe_order=recipes, card=smk.input.card,
+                 manifests=dict(zip(recipes, smk.input.manifests)),
+                 outputs={k: v for k, v in smk.output.items()})

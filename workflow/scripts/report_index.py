@@ -1,0 +1,8 @@
+"""Snakemake script: reports/README.md over every model's report."""
+from qbench.workflow import job
+
+with job(snakemake):  # noqa: F821 - injected by Snakemake
+    from qbench.report.tables import build_index
+
+    smk = snakemake  # noqa: F821
+    build_index(dict(zip(smk.params.models, smk.input.readmes)), smk.output[0])
