@@ -58,6 +58,13 @@ def calib_stats_files(wildcards):
             for key in RESOLVED["calib_stats"][wildcards.recipe]]
 
 
+def report_item(path, subcategory, caption):
+    """A report output: shown in `snakemake --report` under the model's category, with a caption
+    from reports/captions/<caption>.rst (paths relative to workflow/rules/)."""
+    return report(path, category="{model}", subcategory=subcategory,
+                  caption=f"../../reports/captions/{caption}.rst")
+
+
 def threads_for(kind):
     return int(RUNTIME.get("threads", {}).get(kind, 1))
 

@@ -3,10 +3,6 @@
 # `snakemake --report report.html` embeds every table and figure, with captions and categories.
 
 
-def _table(path, sub, caption):
-    return report(path, category="{model}", subcategory=sub, caption=f"../../reports/captions/{caption}.rst")
-
-
 rule report:
     input:
         records=all_records,
@@ -14,22 +10,22 @@ rule report:
         manifests=lambda wc: expand("results/{model}/{recipe}/checkpoint/qbench.json", model=wc.model,
                                     recipe=RECIPES),
     output:
-        ppl_md=_table("reports/{model}/tables/perplexity.md", "Perplexity", "perplexity"),
+        ppl_md=report_item("reports/{model}/tables/perplexity.md", "Perplexity", "perplexity"),
         ppl_csv="reports/{model}/tables/perplexity.csv",
         records_csv="reports/{model}/tables/records.csv",
-        ppl_png=_table("reports/{model}/figures/ppl_vs_bits.png", "Perplexity", "ppl_vs_bits"),
-        memory_md=_table("reports/{model}/tables/memory.md", "Pareto", "memory"),
+        ppl_png=report_item("reports/{model}/figures/ppl_vs_bits.png", "Perplexity", "ppl_vs_bits"),
+        memory_md=report_item("reports/{model}/tables/memory.md", "Pareto", "memory"),
         memory_csv="reports/{model}/tables/memory.csv",
-        pareto_png=_table("reports/{model}/figures/pareto.png", "Pareto", "pareto"),
-        kv_md=_table("reports/{model}/tables/kv_cache.md", "KV cache", "kv_cache"),
-        needle_png=_table("reports/{model}/figures/needle.png", "KV cache", "needle"),
-        tasks_md=_table("reports/{model}/tables/tasks.md", "Tasks", "tasks"),
-        chat_md=_table("reports/{model}/tables/chat.md", "Chat", "chat"),
-        stats_md=_table("reports/{model}/tables/stats.md", "Statistics", "stats"),
-        distance_png=_table("reports/{model}/figures/distance.png", "Statistics", "distance"),
-        alpha_md=_table("reports/{model}/tables/alpha_sweep.md", "Weight-activation", "alpha_table"),
-        alpha_png=_table("reports/{model}/figures/alpha_sweep.png", "Weight-activation", "alpha_sweep"),
-        outliers_png=_table("reports/{model}/figures/outliers.png", "Weight-activation", "outliers"),
+        pareto_png=report_item("reports/{model}/figures/pareto.png", "Pareto", "pareto"),
+        kv_md=report_item("reports/{model}/tables/kv_cache.md", "KV cache", "kv_cache"),
+        needle_png=report_item("reports/{model}/figures/needle.png", "KV cache", "needle"),
+        tasks_md=report_item("reports/{model}/tables/tasks.md", "Tasks", "tasks"),
+        chat_md=report_item("reports/{model}/tables/chat.md", "Chat", "chat"),
+        stats_md=report_item("reports/{model}/tables/stats.md", "Statistics", "stats"),
+        distance_png=report_item("reports/{model}/figures/distance.png", "Statistics", "distance"),
+        alpha_md=report_item("reports/{model}/tables/alpha_sweep.md", "Weight-activation", "alpha_table"),
+        alpha_png=report_item("reports/{model}/figures/alpha_sweep.png", "Weight-activation", "alpha_sweep"),
+        outliers_png=report_item("reports/{model}/figures/outliers.png", "Weight-activation", "outliers"),
         readme="reports/{model}/README.md",
     params:
         recipes=RECIPES,
