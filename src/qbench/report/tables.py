@@ -138,9 +138,7 @@ def perplexity_table(df: pd.DataFrame, recipe_order: list[str] | None = None) ->
     d = df[df["kind"] == "ppl"]
     if d.empty:
         return pd.DataFrame()
-    wide = d.pivot_table(index="recipe", columns="corpus", values="ppl", aggfunc="first")
-    wide = wide[list(d["corpus"].drop_duplicates())]  # corpora in record (config) order, not alphabetical
-    wide.columns = [f"ppl {c}" for c in wide.columns]
+    wide = _ppl_wide(d)
     cols = [c for c in ("family", "method", "W", "A", "KV", "QS", "group", "effective_bits", "weight_MiB",
                         "quantize_seconds") if c in d.columns]
     meta = d.groupby("recipe").first()[cols]
@@ -259,9 +257,15 @@ def _ppl_by_recipe(df: pd.DataFrame) -> pd.DataFrame:
     d = df[df["kind"] == "ppl"]
     if d.empty:
         return pd.DataFrame()
-    w = d.pivot_table(index="recipe", columns="corpus", values="ppl", aggfunc="first")
-    w.columns = [f"ppl {c}" for c in w.columns]
-    return w
+    return _ppl_wide(d)
+
+
+def _ppl_wide(d: pd.DataFrame) -> pd.DataFrame:
+    """recipe × ``ppl <corpus>``, corpora in record (config) order, not alphabetical."""
+    wide = d.pivot_table(index="recipe", columns="corpus", values="ppl", aggfunc="first")
+    wide = wide[list(d["corpus"].drop_duplicates())]
+    wide.columns = [f"ppl {c}" for c in wide.columns]
+    return wide
 
 
 def tasks_table(df: pd.DataFrame, recipe_order=None) -> pd.DataFrame:
@@ -436,7 +440,9 @@ def plot_pareto(mt: pd.DataFrame, out_png: str | Path, title: str = "") -> bool:
 def to_markdown(t: pd.DataFrame, floatfmt: str = ".3f") -> str:
     if t.empty:
         return "_no records_\n"
-    return t.to_markdown(index=False, floatfmt=floatfmt) + "\n"
+    t = t.dropna(axis=1, how="all")  # e.g. the KV column of a weight-only family table
+    t = t.astype(object).where(t.notna(), None)  # tabulate prints None (not NaN) as missingval
+    return t.to_markdown(index=False, floatfmt=floatfmt, missingval="-") + "\n"
 
 
 def family_sections(t: pd.DataFrame) -> list[str]:
@@ -507,6 +513,7 @@ def alpha_table(df: pd.DataFrame) -> pd.DataFrame:
     if d.empty:
         return pd.DataFrame()
     t = d.pivot_table(index=["W", "A", "alpha", "recipe"], columns="corpus", values="ppl", aggfunc="first")
+    t = t[list(d["corpus"].drop_duplicates())]
     t.columns = [f"ppl {c}" for c in t.columns]
     return t.reset_index().sort_values(["W", "A", "alpha"])
 
