@@ -52,12 +52,7 @@ class BCQLinear(DequantCache, nn.Module):
                                                         dtype=_OFFSET_DTYPES[offset_bits]))
         else:
             self.offsets = None
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype))
-        else:
-            self.bias = None
-        self.compute_dtype = dtype
-        self._w: torch.Tensor | None = None
+        self._init_compute(out_features, bias, dtype)
 
     @classmethod
     def from_result(cls, res: BCQResult, bias: torch.Tensor | None = None,

@@ -51,6 +51,16 @@ class DequantCache:
     _anchor: str = "qweight"
     _keep_dtype: tuple = ()
 
+    def _init_compute(self, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        """The tail every packed layout's ``__init__`` shares: optional bias buffer, compute dtype,
+        empty dequantized-weight cache."""
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype))
+        else:
+            self.bias = None
+        self.compute_dtype = dtype
+        self._w: torch.Tensor | None = None
+
     def weight_for_compute(self) -> torch.Tensor:
         w = self._w
         if w is None or w.device != self._buffers[self._anchor].device:
@@ -98,12 +108,7 @@ class QuantLinear(DequantCache, nn.Module, ActQuantMixin):
             self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         else:
             self.g_idx = None
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype))
-        else:
-            self.bias = None
-        self.compute_dtype = dtype
-        self._w: torch.Tensor | None = None
+        self._init_compute(out_features, bias, dtype)
         self.set_act_quant(a_bits, a_granularity, a_sym)
 
     # ----------------------------------------------------------------- construction

@@ -77,12 +77,7 @@ class SDRLinear(DequantCache, nn.Module, SDRActMixin):
             self.qflags = None
         n_scales = out_features if w_granularity == "per_channel" else 1
         self.register_buffer("scales", torch.zeros(n_scales, dtype=torch.float16))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype))
-        else:
-            self.bias = None
-        self.compute_dtype = dtype
-        self._w: torch.Tensor | None = None
+        self._init_compute(out_features, bias, dtype)
         self.set_act_quant(a_bits, a_group_size, a_base_bits, a_granularity)
 
     # ----------------------------------------------------------------- construction

@@ -90,12 +90,7 @@ class SpQRLinear(DequantCache, nn.Module):
         self.register_buffer("outlier_row_ptr", torch.zeros(out_features + 1, dtype=torch.int32))
         self.register_buffer("outlier_col_idx", torch.zeros(nnz, dtype=index_dtype(in_features)))
         self.register_buffer("outlier_values", torch.zeros(nnz, dtype=torch.float16))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype))
-        else:
-            self.bias = None
-        self.compute_dtype = dtype
-        self._w: torch.Tensor | None = None
+        self._init_compute(out_features, bias, dtype)
 
     _FP16 = ("scale_stats", "zero_stats", "scales", "zeros", "outlier_values")
     _keep_dtype = _FP16

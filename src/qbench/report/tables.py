@@ -360,7 +360,7 @@ def memory_table(df: pd.DataFrame, card: dict | None, recipe_order=None) -> pd.D
     for _, r in t.iterrows():
         if r["recipe"] in mem.index and f"kv_bytes@{ctx}" in mem.columns:
             kv.append(mem.loc[r["recipe"], f"kv_bytes@{ctx}"] / 2**20)
-        elif pd.isna(r.get("KV")) if "KV" in t else True:
+        elif "KV" not in t or pd.isna(r["KV"]):  # no KV method: the fp16 cache
             kv.append(fp16_kv_bytes(card, ctx) / 2**20)
         else:
             kv.append(float("nan"))  # a KV method whose cache was not measured
