@@ -46,6 +46,22 @@ def test_pack_layout_4bit_is_gptq_nibble_order():
     assert p[0, 0].item() == int("".join(f"{v:x}" for v in reversed(range(8))), 16)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_pack_matches_plain_bit_stream(bits):
+    """Every word equals the little-endian bit stream built with Python integers (covers values
+    straddling words at 3/5/6/7 bits and words whose bit 31 is set)."""
+    n = 70
+    q = torch.randint(0, 2**bits, (3, n), generator=torch.Generator().manual_seed(bits))
+    q[0, :] = 2**bits - 1  # all ones: every word's sign bit is set
+    p = pack(q, bits)
+    for r in range(3):
+        stream = sum(int(v) << (i * bits) for i, v in enumerate(q[r].tolist()))
+        for j in range(p.shape[1]):
+            word = (stream >> (32 * j)) & 0xFFFFFFFF
+            assert p[r, j].item() == (word - 2**32 if word >= 2**31 else word), (r, j)
+    assert torch.equal(unpack(p, bits, n), q.to(torch.uint8))
+
+
 def test_pack_rejects_out_of_range():
     with pytest.raises(ValueError):
         pack(torch.tensor([[16]]), 4)
