@@ -203,3 +203,23 @@ def test_fpquant_method_on_tiny_llama():
     assert res[("nvfp4", "nvfp4")] < res[("mxfp4", "mxfp4")]
     assert res[("mxfp4", "none")] < res[("mxfp4", "mxfp4")]
     assert res[("fp8_e4m3", "fp8_e4m3")] < res[("nvfp4", "nvfp4")]
+
+
+def test_fpquant_checkpoint_round_trip(tmp_path):
+    from qbench.checkpoint import load_checkpoint, save_checkpoint
+    from qbench.methods.base import resolve_recipe
+
+    recipe = [{"fpquant": {"w_format": "nvfp4", "a_format": "mxfp4"}}]
+    model = tiny_llama()
+    (st,) = parse_recipe(recipe)
+    get_method("fpquant").apply(model, st.config, QuantContext(progress=False))
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+    man = save_checkpoint(model, None, tmp_path / "ck", recipe=resolve_recipe(recipe))
+    assert man["effective_bits"] == pytest.approx(4.5, abs=0.01)
+    m3, _, _ = load_checkpoint(tmp_path / "ck", dtype="bfloat16")
+    assert m3.model.layers[0].mlp.down_proj.scales.dtype == torch.float32  # kept exact under casts
+    m2, _, _ = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(m2(ids).logits, ref)
