@@ -6,6 +6,7 @@
     qbench quantize --model DIR --recipe YAML --out DIR [--calib NAME=DIR ...]
     qbench eval ppl --model PATH --text FILE [--seqlen N] [--max-windows K] [--json OUT]
     qbench report --model NAME --out DIR RECORD.json ...
+    qbench export --format compressed-tensors|gguf CHECKPOINT OUT
 """
 
 from __future__ import annotations
@@ -93,6 +94,17 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .export import export_checkpoint
+
+    opts = {"float_type": a.float_type} if a.format == "gguf" else {}
+    rec = export_checkpoint(a.checkpoint, a.out, a.format, **opts)
+    v = rec["verification"]
+    print(f"wrote {a.out} ({a.format}): {len(rec['layers'])} quantized layers, read back with "
+          f"{v['reader']}: max |Δw| = {v['max_abs_weight_error']:g}")
+    return 0
+
+
 def cmd_check_html(a) -> int:
     from .report.browser import check_html_report
 
@@ -152,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--card", default=None, help="model card JSON (adds weight memory and the Pareto plot)")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("export", help="export a checkpoint for another runtime (exact, or refused "
+                                      "naming the recipe stage that blocks it)")
+    s.add_argument("--format", required=True, choices=["compressed-tensors", "gguf"])
+    s.add_argument("--float-type", default="auto", choices=["auto", "f32", "f16"],
+                   help="gguf: type of the unquantized tensors (auto = the checkpoint's precision)")
+    s.add_argument("checkpoint")
+    s.add_argument("out")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("check-html", help="open a `snakemake --report` HTML in headless Chromium and "
                                           "check that every figure is shown")
