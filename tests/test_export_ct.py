@@ -131,6 +131,8 @@ def test_w8a8_export_quantizes_activations_in_transformers(tmp_path):
      r"recipes\.bad\[1\]\.kivi: .*KV cache"),
     ([{"bcq": {"w_bits": 3, "group_size": 32}}], r"recipes\.bad\[0\]\.bcq: .*binary-coding"),
     ([{"rtn": {"w_bits": 6, "sym": True, "a_bits": 6}}], r"recipes\.bad\[0\]\.rtn: .*6-bit symmetric activations"),
+    ([{"hqq": {"w_bits": 4, "group_size": 32}}], r"recipes\.bad\[0\]\.hqq: .*fractional"),
+    ([{"fpquant": {"w_format": "mxfp4", "a_format": "none"}}], r"recipes\.bad\[0\]\.fpquant: .*mxfp4 weights"),
     ([{"rtn": {"w_bits": 8, "sym": True}}, {"attn_quant": {"q_bits": 8, "s_bits": 8}}],
      r"recipes\.bad\[1\]\.attn_quant: .*at run time"),
 ])
@@ -147,3 +149,18 @@ def test_cli_export(tmp_path, capsys):
     assert "max |Δw| = 0" in capsys.readouterr().out
     assert main(["export", "--format", "compressed-tensors", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_fp8_dynamic_export(tmp_path):
+    """FP8 E4M3 per-channel weights + dynamic per-token FP8 activations → float-quantized."""
+    fp8 = [{"fpquant": {"w_format": "fp8_e4m3", "w_granularity": "per_channel", "a_format": "fp8_e4m3",
+                        "a_granularity": "per_token"}}]
+    ck = make_checkpoint(tmp_path / "ck", fp8, "fp8")
+    export_checkpoint(ck, tmp_path / "ct", "compressed-tensors", log=lambda s: None)
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    g = qc["config_groups"]["group_0"]
+    assert qc["format"] == "float-quantized" and g["weights"]["type"] == "float"
+    assert g["weights"]["strategy"] == "channel" and g["input_activations"]["strategy"] == "token"
+    ids = TOKENS[:128].reshape(2, 64)
+    a, b = qbench_logits(ck, ids), hf_logits(tmp_path / "ct", ids, False)
+    assert (a - b).abs().max() <= 1e-3 * a.abs().max(), (a - b).abs().max()

@@ -27,6 +27,9 @@ LAYER_KINDS = {
     "SpQRLinear": "SpQR weights: bi-level quantized statistics plus fp16 outliers in CSR",
     "Int8Linear": "LLM.int8() vector-wise int8 with a 16-bit outlier decomposition of activations",
     "ActQuantLinear": "16-bit weights with dynamic activation quantization only",
+    "SDRActLinear": "16-bit weights with QRazor SDR activations",
+    "HQQLinear": "HQQ weights with fractional (fp16) zero points; the target's zero points are integers",
+    "FPLinear": "floating-point-format weights (FP8 / MX / NVFP4)",
 }
 
 

@@ -19,6 +19,9 @@ Grid mapping (exact; checked after packing with the library's own decompressor):
 * scales are fp16 in qbench; the export keeps the float32 staging dtype, so they are exact.
 * dynamic activations: 8-bit symmetric per token → ``strategy: token, dynamic: true``; per
   tensor → ``strategy: tensor, dynamic: true``.
+* FP8 E4M3 weights (fp32 scale ``amax/448`` per channel or tensor) with optional dynamic FP8 E4M3
+  activations → ``type: float`` schemes (``float-quantized``, vLLM's FP8_DYNAMIC for channel +
+  token); both sides round to nearest even with saturation.
 
 Refused: GPTQ act-order with *dynamic* groups (a per-column ``g_idx``) — compressed-tensors
 removed activation ordering ``group`` (≥ 0.19; only the static ``weight`` ordering remains, which
@@ -37,6 +40,7 @@ import torch
 from torch import nn
 
 from ..modules import set_module
+from ..modules.fp_linear import FPLinear
 from ..modules.qlinear import QuantLinear
 from .common import Refusal, describe, map_layers, max_abs_diff
 
@@ -45,7 +49,9 @@ FMT = "compressed-tensors"
 
 def _scheme_args(name: str, mod: nn.Module) -> dict:
     """JSON-able description of the compressed-tensors scheme of one layer (or :class:`Refusal`)."""
-    if not isinstance(mod, QuantLinear):
+    if type(mod) is FPLinear:
+        return _fp_scheme_args(mod)
+    if type(mod) is not QuantLinear:  # exact type: HQQLinear subclasses it with fractional zeros
         raise Refusal(f"{describe(mod)} has no compressed-tensors scheme")
     if mod.g_idx is not None:
         raise Refusal("GPTQ act-order with dynamic groups stores a per-column group index (g_idx); "
@@ -66,6 +72,34 @@ def _scheme_args(name: str, mod: nn.Module) -> dict:
         acts = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True,
                 "strategy": "token" if mod.a_granularity == "per_token" else "tensor"}
     return {"weights": weights, "input_activations": acts}
+
+
+def _fp_scheme_args(mod) -> dict:
+    """FP8 E4M3 weights (fp32 scale per channel or tensor) and optional dynamic FP8 E4M3
+    activations per token / tensor: compressed-tensors' FP8 schemes (FP8_DYNAMIC = channel + token).
+    Both use ``scale = amax / 448`` and round-to-nearest-even saturating casts."""
+    if mod.w_format != "fp8_e4m3":
+        raise Refusal(f"{mod.w_format} weights: this exporter maps FP8 E4M3 only (compressed-tensors "
+                      "FP8 is E4M3; its MXFP4 / NVFP4 formats are not mapped here)")
+    weights = {"num_bits": 8, "type": "float", "symmetric": True,
+               "strategy": "channel" if mod.w_granularity == "per_channel" else "tensor"}
+    acts = None
+    if mod.a_format != "none":
+        if mod.a_format != "fp8_e4m3":
+            raise Refusal(f"{mod.a_format} activations: only dynamic FP8 E4M3 activations are mapped")
+        acts = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
+                "strategy": "token" if mod.a_granularity == "per_token" else "tensor"}
+    return {"weights": weights, "input_activations": acts}
+
+
+def _qparams(mod) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero point in compressed-tensors' signed convention or None)."""
+    if type(mod) is FPLinear:
+        return mod.scales.float(), None
+    z = mod.zero_points()
+    if not torch.equal(z, z.round()):
+        raise RuntimeError("fractional zero points cannot be exported")  # guarded by _scheme_args
+    return mod.scales.float(), (z - 2 ** (mod.bits - 1)).to(torch.int8)
 
 
 def _targets(names: list[str], all_linear: list[str]) -> list[str]:
@@ -115,9 +149,7 @@ def export_compressed_tensors(model: nn.Module, tok, manifest: dict, out, *, log
             lin.weight.copy_(mod.dequantized_weight().float())
             if mod.bias is not None:
                 lin.bias.copy_(mod.bias.float())
-        half = 2 ** (mod.bits - 1)
-        qparams[name] = (mod.scales.float(), (mod.zero_points() - half).round().to(torch.int8),
-                         lin.weight.detach().clone())
+        qparams[name] = (*_qparams(mod), lin.weight.detach().clone())
         set_module(model, name, lin)
     model.to(torch.float32)
     # 2. One config group per distinct scheme.
@@ -141,8 +173,11 @@ def export_compressed_tensors(model: nn.Module, tok, manifest: dict, out, *, log
         if not hasattr(mod, "quantization_scheme"):
             raise RuntimeError(f"compressed-tensors did not match layer {name} (targets {config_groups})")
         with torch.no_grad():
+            if scale.numel() != mod.weight_scale.numel():
+                raise RuntimeError(f"{name}: {scale.numel()} scales, compressed-tensors expects "
+                                   f"{tuple(mod.weight_scale.shape)}")
             mod.weight_scale.copy_(scale.reshape(mod.weight_scale.shape))
-            if getattr(mod, "weight_zero_point", None) is not None:
+            if zp is not None and getattr(mod, "weight_zero_point", None) is not None:
                 mod.weight_zero_point.copy_(zp.reshape(mod.weight_zero_point.shape).to(mod.weight_zero_point.dtype))
     unmatched = [n for n, m in model.named_modules() if hasattr(m, "quantization_scheme") and n not in plan]
     if unmatched:
