@@ -4,6 +4,8 @@
 #   * torch is installed through this machine's own pip configuration; where pip is configured with a
 #     local CPU wheel of torch==2.13.0 (find-links), that wheel is used and no CUDA package is pulled.
 #     No package index is named here.
+#   * every machine gets triton (a qbench dependency on Linux): the kernels in kernels/ run compiled
+#     on CUDA and in Triton's CPU interpreter in the tests.
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -28,13 +28,18 @@ def set_threads(threads: int | None) -> None:
 
 def load_for_eval(path: str | Path, *, dtype: str = "float32", device: str = "cpu"):
     """Load a qbench checkpoint or a plain HF model directory: ``(model, tokenizer, manifest)``."""
+    from .modules.backend import model_backend
+
     path = Path(path)
     if is_checkpoint(path):
-        return load_checkpoint(path, dtype=dtype, device=device)
-    from .models.loading import load_model
+        model, tok, manifest = load_checkpoint(path, dtype=dtype, device=device)
+    else:
+        from .models.loading import load_model
 
-    model, tok = load_model(path, dtype=dtype, device=device)
-    return model, tok, {"recipe": [], "modules": {}, "effective_bits": 16.0, "inputs": {}}
+        model, tok = load_model(path, dtype=dtype, device=device)
+        manifest = {"recipe": [], "modules": {}, "effective_bits": 16.0, "inputs": {}}
+    # which kernels the packed modules run on this device (records state it: ``backend``)
+    return model, tok, {**manifest, "backend": model_backend(model)}
 
 
 def _calibration_provider(calib_dirs: dict[str, str], tokens_cache: dict):
@@ -147,12 +152,21 @@ def base_record(kind: str, manifest: dict, *, model: str | None, recipe: str | N
         "quantize_seconds": stats.get("quantize_seconds"),
         "quantize_stages": stats.get("stages", []),
         "calibration": manifest.get("inputs", {}).get("calibration", {}),
-        "execution": execution or ("packed checkpoint: dequantize + dense matmul (reference path)"
-                                   if manifest.get("modules") else "fp (no quantized modules)"),
+        "execution": execution or _execution(manifest),
+        "backend": manifest.get("backend"),
         "eval_dtype": dtype,
         "provenance": provenance(device),
         **extra,
     }
+
+
+def _execution(manifest: dict) -> str:
+    if not manifest.get("modules"):
+        return "fp (no quantized modules)"
+    backend = manifest.get("backend") or "reference"
+    if backend == "reference":
+        return "packed checkpoint: dequantize + dense matmul (reference path)"
+    return f"packed checkpoint: Triton kernels ({backend})"
 
 
 def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, str] | None = None, *,

@@ -9,8 +9,10 @@ Storage (see :mod:`qbench.quant.bcq`):
   conversion, whose offsets are not fp16-representable in general);
 * ``bias``    optional, compute dtype.
 
-Execution: dequantize once into a cached dense weight, then ``F.linear`` (the reference path; a
-LUT-GEMM kernel reads the same buffers).
+Execution: on CUDA, ``qbench_kernels.lut_gemm`` reads these buffers directly (lookup tables of
+activation partial sums for m ≤ 16, a tiled kernel above; groups must be a multiple of 8 inputs);
+elsewhere (and with ``QBENCH_KERNELS=reference``) the reference path dequantizes once into a cached
+dense weight, then ``F.linear``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from ..quant.bcq import BCQResult, bcq_dequantize, pack_planes, unpack_planes
 from ..quant.packing import packed_words
 from . import register_module_type
+from .backend import REFERENCE, kernels_for
 
 _OFFSET_DTYPES = {16: torch.float16, 32: torch.float32}
 
@@ -85,7 +88,19 @@ class BCQLinear(DequantCache, nn.Module):
                            None if self.offsets is None else self.offsets.cpu())
         return w.to(self.qplanes.device)
 
+    def _kernel(self):
+        k = kernels_for(self.qplanes)
+        if k is None or (self.n_groups > 1 and (self.in_features // self.n_groups) % k.MU):
+            return None
+        return k
+
+    def kernel_backend(self) -> str:
+        return REFERENCE if self._kernel() is None else "triton:lut_gemm"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self._kernel()
+        if k is not None:
+            return k.lut_gemm(x.to(self.compute_dtype), self.qplanes, self.alphas, self.offsets, self.bias)
         w = self.weight_for_compute()
         return F.linear(x.to(w.dtype), w, self.bias)
 

@@ -17,7 +17,9 @@ Forward, for the flattened input X ``[tokens, in]`` of the current call:
    (bitsandbytes' ``int8_vectorwise_quant``), codes ``X_q = round(X / s_x)`` (half-to-even, like
    the CUDA kernel), with the outlier columns zeroed;
 3. ``Y = (X_q @ W_qᵀ) · s_x ⊗ s_w`` — the int8×int8 products are summed exactly (int32 semantics;
-   ``torch._int_mm`` on CUDA, else exact fp32 partial sums over ≤ 1024 dims added in float64);
+   on CUDA the Triton int8 GEMM of ``qbench_kernels`` with the scales applied in its fp32 epilogue
+   (``QBENCH_KERNELS=reference``: ``torch._int_mm``), on CPU exact fp32 partial sums over ≤ 1024
+   dims added in float64);
 4. ``Y += X[:, outliers] @ Ŵ[:, outliers]ᵀ`` in the compute dtype, where ``Ŵ = W_q · s_w`` is the
    *dequantized int8* weight: like bitsandbytes at inference (``state.subB =
    int8_vectorwise_dequant(CB[:, idx], SCB)``) only the activation side of the outlier columns
@@ -39,6 +41,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .backend import REFERENCE, kernels_for
 
 __all__ = ["Int8Linear", "quantize_rowwise_int8"]
 
@@ -180,8 +184,13 @@ class Int8Linear(nn.Module):
         xq = torch.round(xf / sx[:, None]).clamp_(-127, 127)
         if outliers is not None:
             xq[:, outliers] = 0.0
-        acc = self._int8_matmul(xq)
-        y = (acc * (sx.double()[:, None] * self.weight_scales.double()[None, :])).to(self.compute_dtype)
+        k = kernels_for(self.weight_codes)
+        if k is not None:  # Triton int8 GEMM with the scale epilogue fused (fp32 epilogue)
+            y = k.int8_gemm(xq.to(torch.int8), self.weight_codes, sx, self.weight_scales,
+                            out_dtype=self.compute_dtype)
+        else:
+            acc = self._int8_matmul(xq)
+            y = (acc * (sx.double()[:, None] * self.weight_scales.double()[None, :])).to(self.compute_dtype)
         if outliers is not None:
             idx = outliers.nonzero().squeeze(1)
             w_sub = self.weight[:, idx]                     # dequantized int8 columns, 16-bit
@@ -189,6 +198,9 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def kernel_backend(self) -> str:
+        return REFERENCE if kernels_for(self.weight_codes) is None else "triton:int8_gemm"
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, threshold={self.threshold}"

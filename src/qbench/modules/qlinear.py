@@ -9,8 +9,11 @@ Storage (what a checkpoint holds, what a kernel reads):
 * ``g_idx``    int32 ``[in]`` – optional group index per input column (GPTQ act-order);
 * ``bias``     optional, compute dtype.
 
-Execution: the reference path dequantizes once into a cached dense weight and runs ``F.linear``;
-optional dynamic activation quantization (per token / per tensor) simulates W·A integer GEMMs.
+Execution: on CUDA the Triton kernels of ``qbench_kernels`` read these buffers directly — the
+dequant-GEMM (any weight bits 2..8, activations fake-quantized first when ``a_bits < 16``), or for
+W8A8 with per-channel weights the int8 GEMM with per-token activation codes; elsewhere (and with
+``QBENCH_KERNELS=reference``) the reference path dequantizes once into a cached dense weight and
+runs ``F.linear``, with optional dynamic activation fake-quantization (per token / per tensor).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.packing import pack, packed_words, unpack
+from .backend import REFERENCE, kernels_for
 from ..quant.uniform import WeightQuantSpec, dequantize_weight, fake_quantize_activation
 
 
@@ -155,10 +159,37 @@ class QuantLinear(DequantCache, nn.Module, ActQuantMixin):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.scales.float(), self.zero_points(), self.g_idx)
 
+    def _int8_path(self) -> bool:
+        """W8A8 with per-channel weights: a true int8 × int8 GEMM (codes of both sides centred)."""
+        return (self.bits == 8 and self.a_bits == 8 and self.n_groups == 1 and self.g_idx is None
+                and self.a_granularity in ("per_token", "per_tensor"))
+
+    def kernel_backend(self) -> str:
+        if kernels_for(self.qweight) is None:
+            return REFERENCE
+        return "triton:int8_gemm" if self._int8_path() else "triton:dequant_gemm"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = kernels_for(self.qweight)
+        if k is not None:
+            return self._forward_kernel(k, x)
         w = self.weight_for_compute()
         x = self.quant_input(x)
         return F.linear(x.to(w.dtype), w, self.bias)
+
+    def _forward_kernel(self, k, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(self.compute_dtype)
+        if self._int8_path():
+            x2 = xc.reshape(-1, self.in_features)
+            a, sx, cx = k.quantize_act_int8(x2, sym=self.a_sym, per_token=self.a_granularity == "per_token")
+            cw = None if self.sym else 128 - self.zeros[:, 0].to(torch.int32)
+            y = k.int8_gemm(a, self.qweight, sx, self.scales[:, 0], None if self.a_sym else cx, cw,
+                            out_dtype=self.compute_dtype, packed=True)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return k.dequant_gemm(self.quant_input(xc), self.qweight, self.scales, self.zeros, self.bits,
+                              self.g_idx, self.bias)
 
     def storage_bits(self) -> int:
         """Bits stored for this layer's weight (codes + scales + zeros + g_idx)."""

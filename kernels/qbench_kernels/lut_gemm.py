@@ -1,0 +1,289 @@
+"""LUT-GEMM for binary-coding-quantized (BCQ) weights, beside its PyTorch reference.
+
+Format (``qbench.quant.bcq`` / ``qbench.modules.bcq_linear.BCQLinear``), weight ``[N, K]``:
+``w[n, k] = Σ_i α_i[n, g(k)] · b_i[n, k] (+ z[n, g(k)])`` with ``b ∈ {−1, +1}``; ``qplanes`` int32
+``[Q, N, ceil(K/32)]`` hold one sign bit per weight and plane (bit 1 ↔ +1, weight ``k`` at word
+``k//32``, bit ``k%32``), ``alphas`` fp16 ``[Q, N, G]``, optional ``offsets`` ``[N, G]``; groups are
+consecutive runs of ``K // G`` inputs.
+
+LUT-GEMM (Park et al., ICLR 2024) never dequantizes. For every run of μ = 8 consecutive
+activations ``x_c`` it builds a table of the 2⁸ = 256 possible signed sums
+``T_c[p] = Σ_j (bit_j(p) ? +x_{8c+j} : −x_{8c+j})``; a sign plane's byte covering those 8 weights
+*is* the index, so ``y[n] = Σ_i Σ_c α_i[n, g(c)] · T_c[byte_i(n, c)] + Σ_g z[n, g] Σ_{k∈g} x_k``.
+One table serves every output row and every plane, which is what makes it cheaper than
+dequantization for small batches.
+
+Kernel (m ≤ 16): a program owns ``BLOCK_N`` rows, one token and one split-K slice; per K tile it
+builds the ``[BLOCK_K/8, 256]`` tables in registers — as the paper's incremental construction,
+the sum of a 16-entry table of the low nibble and one of the high nibble — and looks the plane
+bytes up with ``tl.gather``. Groups must be a multiple of μ = 8 inputs (every checkpoint qbench
+writes has that; others fall back to the reference).
+
+Deviation: for prefill-sized m (> 16) a table per token costs more than it saves, so a tiled
+kernel rebuilds the weight tile from the planes in registers and uses ``tl.dot`` (the LUT-GEMM
+paper only evaluates small batches).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._util import check_act_dtype, interpreting, sm_count, split_k_for
+
+__all__ = ["lut_tables_reference", "lut_gemm_reference", "bcq_dequantize_reference", "lut_gemm", "MU"]
+
+MU = 8
+LUT_MAX_M = 16
+
+
+# ============================================================================ PyTorch reference
+def lut_tables_reference(x: torch.Tensor) -> torch.Tensor:
+    """Tables ``[M, ceil(K/8), 256]`` (fp32) of signed partial sums of every μ=8 activations."""
+    M, K = x.shape
+    Kp = -(-K // MU) * MU
+    xf = torch.nn.functional.pad(x.float(), (0, Kp - K)).reshape(M, Kp // MU, MU)
+    p = torch.arange(256, device=x.device)
+    signs = (((p[None, :] >> torch.arange(MU, device=x.device)[:, None]) & 1) * 2 - 1).float()  # [8, 256]
+    return xf @ signs
+
+
+def _plane_bytes(qplanes: torch.Tensor, K: int) -> torch.Tensor:
+    """Pattern index ``[Q, N, ceil(K/8)]`` of every 8-weight run of every plane."""
+    w = qplanes.to(torch.int64) & 0xFFFFFFFF
+    c = torch.arange(-(-K // MU), device=qplanes.device)
+    return (w[:, :, c // 4] >> ((c % 4) * 8)) & 0xFF
+
+
+def lut_gemm_reference(x, qplanes, alphas, offsets=None, bias=None) -> torch.Tensor:
+    """LUT-GEMM in plain PyTorch, the same math as the kernel: tables, lookups, α, offset."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    Q, N, G = alphas.shape
+    gs = K // G
+    T = lut_tables_reference(x2)                                   # [M, C, 256]
+    idx = _plane_bytes(qplanes, K)                                 # [Q, N, C]
+    C = idx.shape[-1]
+    gc = (torch.arange(C, device=x.device) * MU) // gs             # group of each chunk
+    y = torch.zeros(x2.shape[0], N, device=x.device)
+    for i in range(Q):
+        looked = torch.gather(T[:, None, :, :].expand(-1, N, -1, -1), 3,
+                              idx[i][None, :, :, None].expand(x2.shape[0], -1, -1, 1)).squeeze(3)
+        y += (looked * alphas[i].float()[:, gc][None]).sum(-1)      # [M, N]
+    if offsets is not None:
+        xs = x2.float().reshape(x2.shape[0], G, gs).sum(-1)          # [M, G]
+        y += xs @ offsets.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, N)
+
+
+def bcq_dequantize_reference(qplanes, alphas, offsets, K: int) -> torch.Tensor:
+    """Dense fp32 ``[N, K]`` weight (what the tiled large-m kernel rebuilds tile by tile)."""
+    Q, N, G = alphas.shape
+    k = torch.arange(K, device=qplanes.device)
+    w = qplanes.to(torch.int64) & 0xFFFFFFFF
+    b = ((w[:, :, k // 32] >> (k % 32)) & 1).float() * 2 - 1          # [Q, N, K]
+    gi = k // (K // G)
+    out = (b * alphas.float()[:, :, gi]).sum(0)
+    if offsets is not None:
+        out = out + offsets.float()[:, gi]
+    return out
+
+
+# ============================================================================ Triton kernels
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _lut_gemv_kernel(x_ptr, qp_ptr, a_ptr, z_ptr, out_ptr, M, N, K, group_size,
+                         stride_xm, stride_qq, stride_qn, stride_aq, stride_an, stride_zn,
+                         stride_os, stride_om,
+                         Q: tl.constexpr, HAS_Z: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        CH: tl.constexpr = BLOCK_K // 8
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        m = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = offs_n < N
+        c = tl.arange(0, CH)
+        j4 = tl.arange(0, 4)
+        p16 = tl.arange(0, 16)
+        # signs of the 16 nibble patterns: s4[j, p] = ±1 for bit j of p
+        s4 = (((p16[None, :] >> j4[:, None]) & 1) * 2 - 1).to(tl.float32)   # [4, 16]
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        per_split = tl.cdiv(k_tiles, tl.num_programs(1)) * BLOCK_K
+        k_lo = pid_s * per_split
+        k_hi = tl.minimum(k_lo + per_split, K)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        xrow = x_ptr + m * stride_xm
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            base = k0 + c * 8                                               # [CH]
+            klo = base[:, None] + j4[None, :]                               # [CH, 4]
+            khi = klo + 4
+            xlo = tl.load(xrow + klo, mask=klo < K, other=0).to(tl.float32)
+            xhi = tl.load(xrow + khi, mask=khi < K, other=0).to(tl.float32)
+            lo = tl.sum(xlo[:, :, None] * s4[None, :, :], axis=1)           # [CH, 16]
+            hi = tl.sum(xhi[:, :, None] * s4[None, :, :], axis=1)           # [CH, 16]
+            table = tl.reshape(hi[:, :, None] + lo[:, None, :], (CH, 256))  # index = hi*16 + lo
+            mc = base < K
+            wmask = mc[:, None] & mn[None, :]
+            wofs = offs_n[None, :] * stride_qn + (base // 32)[:, None]      # [CH, BLOCK_N]
+            shift = ((base // 8) % 4) * 8
+            if TILE_IN_GROUP:
+                g = k0 // group_size
+            else:
+                gc = base // group_size                                     # [CH]
+            for i in tl.static_range(Q):
+                word = tl.load(qp_ptr + i * stride_qq + wofs, mask=wmask, other=0)
+                idx = (word >> shift[:, None]) & 0xFF
+                vals = tl.gather(table, idx, axis=1)                        # [CH, BLOCK_N]
+                if TILE_IN_GROUP:
+                    a = tl.load(a_ptr + i * stride_aq + offs_n * stride_an + g, mask=mn, other=0)
+                    acc += a.to(tl.float32) * tl.sum(vals, axis=0)
+                else:
+                    a = tl.load(a_ptr + i * stride_aq + offs_n[None, :] * stride_an + gc[:, None],
+                                mask=wmask, other=0)
+                    acc += tl.sum(vals * a.to(tl.float32), axis=0)
+            if HAS_Z:
+                xs = tl.sum(xlo, axis=1) + tl.sum(xhi, axis=1)              # [CH]
+                if TILE_IN_GROUP:
+                    z = tl.load(z_ptr + offs_n * stride_zn + g, mask=mn, other=0)
+                    acc += z.to(tl.float32) * tl.sum(xs, axis=0)
+                else:
+                    z = tl.load(z_ptr + offs_n[None, :] * stride_zn + gc[:, None], mask=wmask, other=0)
+                    acc += tl.sum(xs[:, None] * z.to(tl.float32), axis=0)
+        tl.store(out_ptr + pid_s * stride_os + m * stride_om + offs_n, acc, mask=mn)
+
+    @triton.jit
+    def _bcq_gemm_kernel(x_ptr, qp_ptr, a_ptr, z_ptr, out_ptr, M, N, K, group_size,
+                         stride_xm, stride_qq, stride_qn, stride_aq, stride_an, stride_zn, stride_om,
+                         Q: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        n_m = tl.cdiv(M, BLOCK_M)
+        n_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * n_n
+        first_m = (pid // per_group) * GROUP_M
+        rows = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % rows
+        pid_n = (pid % per_group) // rows
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mm = offs_m < M
+        mn = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mk = offs_k < K
+            mask = mk[:, None] & mn[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mm[:, None] & mk[None, :], other=0)
+            g = offs_k // group_size
+            wofs = offs_n[None, :] * stride_qn + (offs_k // 32)[:, None]
+            aofs = offs_n[None, :] * stride_an + g[:, None]
+            w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+            for i in tl.static_range(Q):
+                word = tl.load(qp_ptr + i * stride_qq + wofs, mask=mask, other=0)
+                b = ((word >> (offs_k % 32)[:, None]) & 1).to(tl.float32) * 2 - 1
+                a = tl.load(a_ptr + i * stride_aq + aofs, mask=mask, other=0).to(tl.float32)
+                w += a * b
+            if HAS_Z:
+                w += tl.load(z_ptr + offs_n[None, :] * stride_zn + g[:, None], mask=mask,
+                             other=0).to(tl.float32)
+            if IEEE:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            elif UPCAST:  # interpreter only (its bf16 dot is wrong): same products, in fp32
+                acc = tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w.to(x.dtype), acc)
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+    if interpreting():
+        _LUT_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4)]
+        _GEMM_CONFIGS = [triton.Config({"BLOCK_N": 32, "GROUP_M": 1}, num_warps=4)]
+    else:
+        _LUT_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+                        for bn, w, s in ((32, 4, 2), (64, 4, 2), (128, 4, 2), (128, 8, 2))]
+        _GEMM_CONFIGS = [triton.Config({"BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=3)
+                         for bn, w in ((64, 4), (128, 4), (128, 8))]
+    _LUT = triton.autotune(configs=_LUT_CONFIGS,
+                           key=["M", "N", "K", "Q", "HAS_Z", "TILE_IN_GROUP", "BLOCK_K"])(_lut_gemv_kernel)
+    _BCQ_GEMM = triton.autotune(configs=_GEMM_CONFIGS,
+                                key=["N", "K", "Q", "HAS_Z", "BLOCK_M", "BLOCK_K"])(_bcq_gemm_kernel)
+
+
+def _lut_block_k(gs: int, G: int) -> tuple[int, bool]:
+    cap = 64 if interpreting() else 128
+    if G == 1:
+        return cap, True
+    bk = cap
+    while bk > 32 and gs % bk:
+        bk //= 2
+    return bk, gs % bk == 0
+
+
+def lut_gemm(x: torch.Tensor, qplanes: torch.Tensor, alphas: torch.Tensor,
+             offsets: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+             split_k: int | None = None, force_lut: bool = False) -> torch.Tensor:
+    """``x [..., K] @ Wᵀ`` for a BCQ weight; LUT form for m ≤ 16 (or ``force_lut``), tiled above."""
+    if triton is None:
+        raise RuntimeError("triton is not installed; use lut_gemm_reference")
+    check_act_dtype(x)
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    Q, N, G = alphas.shape
+    gs = K // G
+    if qplanes.shape != (Q, N, -(-K // 32)):
+        raise ValueError(f"qplanes shape {tuple(qplanes.shape)} does not match Q={Q}, N={N}, K={K}")
+    if G > 1 and gs % MU:
+        raise ValueError(f"group_size={gs}: LUT-GEMM needs groups that are a multiple of {MU} inputs")
+    qplanes, alphas = qplanes.contiguous(), alphas.contiguous()
+    has_z = offsets is not None
+    z = offsets.contiguous() if has_z else alphas
+    zs = z.stride(0) if has_z else 0
+    if M == 0:
+        y = x2.new_zeros(0, N)
+    elif M <= LUT_MAX_M or force_lut:
+        bk, in_group = _lut_block_k(gs, G)
+        k_tiles = triton.cdiv(K, bk)
+
+        def nsplit(meta):
+            if split_k is not None:
+                return max(1, min(split_k, k_tiles))
+            if interpreting():
+                return 1
+            return split_k_for(triton.cdiv(N, meta["BLOCK_N"]) * M, k_tiles, sm_count(x.device.index or 0))
+
+        part = torch.empty((16 if split_k is None else max(split_k, 1), M, N),
+                           device=x.device, dtype=torch.float32)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), nsplit(meta), M)  # noqa: E731
+        _LUT[grid](x2, qplanes, alphas, z, part, M, N, K, gs,
+                   x2.stride(0), qplanes.stride(0), qplanes.stride(1), alphas.stride(0),
+                   alphas.stride(1), zs, part.stride(0), part.stride(1),
+                   Q=Q, HAS_Z=has_z, TILE_IN_GROUP=in_group, BLOCK_K=bk)
+        s = nsplit(_LUT.best_config.kwargs)
+        y = (part[0] if s == 1 else part[:s].sum(0)).to(x.dtype)
+    else:
+        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+        bm = 16 if interpreting() else (64 if M <= 64 else 128)
+        bk = 32 if interpreting() else 64
+        grid = lambda meta: (triton.cdiv(M, bm) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _BCQ_GEMM[grid](x2, qplanes, alphas, z, y, M, N, K, gs,
+                        x2.stride(0), qplanes.stride(0), qplanes.stride(1), alphas.stride(0),
+                        alphas.stride(1), zs, y.stride(0),
+                        Q=Q, HAS_Z=has_z, IEEE=x.dtype == torch.float32,
+                        UPCAST=interpreting() and x.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_K=bk)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, N)
