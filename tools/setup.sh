@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install qbench with everything the default pipeline and the tests need.
-#   * a machine with an NVIDIA GPU gets the regular (CUDA) torch build and triton;
+#   * a machine with an NVIDIA GPU gets the regular (CUDA) torch build;
 #   * torch is installed through this machine's own pip configuration; where pip is configured with a
 #     local CPU wheel of torch==2.13.0 (find-links), that wheel is used and no CUDA package is pulled.
 #     No package index is named here.
