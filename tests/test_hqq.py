@@ -101,3 +101,18 @@ def test_hqq_method_tiny_llama_and_checkpoint(tmp_path):
             with torch.no_grad():
                 assert torch.equal(m2(ids).logits, model(ids).logits)
     assert out[True] < out[False]
+
+
+def test_hqq_linear_triton_kernel_reads_fractional_zeros(monkeypatch):
+    pytest.importorskip("triton")
+    w = weights(5, 40, 128)
+    c, s, z, _ = hqq_quantize(w, 4, 64)
+    lin = HQQLinear.from_hqq(c, s, z, 4, 64, bias=torch.ones(40))
+    x = torch.randn(1, 3, 128)
+    monkeypatch.setenv("QBENCH_KERNELS", "reference")
+    assert lin.kernel_backend() == "reference"
+    want = lin(x)
+    monkeypatch.setenv("QBENCH_KERNELS", "interpret")
+    assert lin.kernel_backend() == "triton:dequant_gemm"
+    got = lin(x)
+    assert float((got - want).norm() / want.norm()) < 1e-5

@@ -46,7 +46,7 @@ from .base import ConfigError, Method, QuantContext, opt, register
 from .rtn import WeightActArgs, check_group_size, finalize_act_only, make_quant_linear
 
 __all__ = ["gptq_quantize_weight", "group_qparams", "damped_inverse_cholesky", "HessianCollector",
-           "GPTQ", "sequential_groups"]
+           "GPTQ", "gptq_model", "sequential_groups"]
 
 FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): floor for scales
 
@@ -316,49 +316,59 @@ class GPTQ(Method):
     def apply(self, model: nn.Module, cfg: Config, ctx: QuantContext) -> dict:
         if cfg.w_bits >= 16:
             return {"layers": finalize_act_only(model, cfg)}
-        calib = need_calibration(ctx, self.name)(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
-        spec = cfg.spec()
-        targets = target_linears(model, cfg.skip)
-        prefix = _module_name(model, get_decoder_layers(model))
-        per_layer: dict[str, dict] = {}
-        repairs: list[dict] = []
-        t0 = time.perf_counter()
+        return gptq_model(model, cfg, ctx)
 
-        def process(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-            bp = f"{prefix}.{i}."
-            names = [n[len(bp):] for n in targets if n.startswith(bp)]
-            groups = sequential_groups(names) if cfg.true_sequential else [names]
-            for group in groups:
-                mods = {rel: block.get_submodule(rel) for rel in group}
-                hc = HessianCollector(mods)
-                try:
-                    inputs.run(block, keep_outputs=False, stop_after=list(mods.values()))
-                finally:
-                    hc.remove()
-                for rel, lin in mods.items():
-                    full = bp + rel
-                    H = hc.hessian(rel, lin.in_features, lin.weight.device)
-                    codes, scales, zeros, g_idx, _, st = gptq_quantize_weight(
-                        lin.weight.data, H, spec, cfg.blocksize, cfg.percdamp, cfg.act_order,
-                        cfg.static_groups, mse=cfg.mse)
-                    del H
-                    per_layer[full] = st
-                    if st["dead_columns"] or st["cholesky_retries"] or st["damp"] != cfg.percdamp:
-                        rep = {"layer": full, "damp": st["damp"], "dead_columns": st["dead_columns"]}
-                        if st["damp"] == float("inf"):
-                            rep["fallback"] = "identity Hessian (RTN)"
-                        repairs.append(rep)
-                        ctx.log(f"gptq: repaired {full}: {rep}")
-                    set_module(block, rel, make_quant_linear(lin, codes, scales, zeros, spec,
-                                                             cfg.act(), g_idx=g_idx))
 
-        run_blockwise(model, calib, process, device=ctx.device, progress=ctx.progress, desc="gptq")
-        losses = [v["loss"] for v in per_layer.values()]
-        return {
-            "layers": len(per_layer),
-            "calib_tokens": int(calib.numel()),
-            "seconds_quantize": time.perf_counter() - t0,
-            "mean_loss": sum(losses) / len(losses) if losses else 0.0,
-            "loss": {k: v["loss"] for k, v in per_layer.items()},
-            "repairs": [{**r, "damp": (None if r["damp"] == float("inf") else r["damp"])} for r in repairs],
-        }
+def gptq_model(model: nn.Module, cfg: GPTQ.Config, ctx: QuantContext, spec_for=None,
+               desc: str = "gptq") -> dict:
+    """GPTQ over every target linear of ``model``, block by block. ``spec_for(name)`` gives a
+    layer's :class:`WeightQuantSpec` (default: ``cfg.spec()`` for all; mixed precision passes
+    per-layer bits)."""
+    calib = need_calibration(ctx, desc)(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+    default_spec = cfg.spec()
+    spec_for = spec_for or (lambda _name: default_spec)
+    targets = target_linears(model, cfg.skip)
+    prefix = _module_name(model, get_decoder_layers(model))
+    per_layer: dict[str, dict] = {}
+    repairs: list[dict] = []
+    t0 = time.perf_counter()
+
+    def process(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        bp = f"{prefix}.{i}."
+        names = [n[len(bp):] for n in targets if n.startswith(bp)]
+        groups = sequential_groups(names) if cfg.true_sequential else [names]
+        for group in groups:
+            mods = {rel: block.get_submodule(rel) for rel in group}
+            hc = HessianCollector(mods)
+            try:
+                inputs.run(block, keep_outputs=False, stop_after=list(mods.values()))
+            finally:
+                hc.remove()
+            for rel, lin in mods.items():
+                full = bp + rel
+                H = hc.hessian(rel, lin.in_features, lin.weight.device)
+                spec = spec_for(full)
+                codes, scales, zeros, g_idx, _, st = gptq_quantize_weight(
+                    lin.weight.data, H, spec, cfg.blocksize, cfg.percdamp, cfg.act_order,
+                    cfg.static_groups, mse=cfg.mse)
+                del H
+                per_layer[full] = st
+                if st["dead_columns"] or st["cholesky_retries"] or st["damp"] != cfg.percdamp:
+                    rep = {"layer": full, "damp": st["damp"], "dead_columns": st["dead_columns"]}
+                    if st["damp"] == float("inf"):
+                        rep["fallback"] = "identity Hessian (RTN)"
+                    repairs.append(rep)
+                    ctx.log(f"gptq: repaired {full}: {rep}")
+                set_module(block, rel, make_quant_linear(lin, codes, scales, zeros, spec,
+                                                         cfg.act(), g_idx=g_idx))
+
+    run_blockwise(model, calib, process, device=ctx.device, progress=ctx.progress, desc=desc)
+    losses = [v["loss"] for v in per_layer.values()]
+    return {
+        "layers": len(per_layer),
+        "calib_tokens": int(calib.numel()),
+        "seconds_quantize": time.perf_counter() - t0,
+        "mean_loss": sum(losses) / len(losses) if losses else 0.0,
+        "loss": {k: v["loss"] for k, v in per_layer.items()},
+        "repairs": [{**r, "damp": (None if r["damp"] == float("inf") else r["damp"])} for r in repairs],
+    }

@@ -1,0 +1,269 @@
+"""Mixed precision: per-layer sensitivity from calibration statistics and an exact allocator that
+assigns weight bits per layer under an average-bits budget, then RTN or GPTQ at those bits.
+
+**Sensitivity.** A second-order estimate of the loss increase caused by quantizing one layer at
+width ``b``, with the layer's RTN error ``ΔW_b = W − Q_b(W)`` (group-wise, fp16 scales, as
+stored) and the Kronecker-factored (K-FAC) Fisher of the layer:
+``ΔL ≈ ½ Σ_i F_i · (ΔW_b H ΔW_bᵀ)_ii``, where ``H = E[x xᵀ]`` is the input second moment (the
+GPTQ statistics, one block-by-block pass) and ``F_i = E[(∂L/∂y_i)²]`` the squared gradient of the
+language-modelling loss at output channel ``i`` (one forward/backward pass of the float model over
+``fisher_samples`` calibration sequences). ``sensitivity: output`` drops ``F`` (all ones) and
+scores the layer-output error ``E‖ΔW_b x‖²`` alone (the GPTQ/OBQ layer objective), which ignores
+how much the loss cares about each layer. Measuring the perplexity change of each of SmolLM2's
+210 layers one by one would be the direct alternative; it is beyond the CPU budget.
+
+**Allocator.** Minimise ``Σ_l s(l, b_l)`` subject to ``Σ_l bits_l(b_l) ≤ avg_bits · Σ_l n_l``, where
+``bits_l(b)`` are the layer's exact stored bits (codes + fp16 scales + zeros, the
+:class:`~qbench.modules.qlinear.QuantLinear` accounting, so the budget is what
+``effective_bits`` reports). This multiple-choice knapsack is solved exactly by dynamic programming
+over integer costs (divided by their gcd; if the table would exceed :data:`MAX_STATES` the costs
+are rounded *up* to a coarser unit, which keeps every solution within budget).
+
+**Quantization.** The chosen widths go to RTN or to GPTQ (run block by block with per-layer
+specs, :func:`qbench.methods.gptq.gptq_model`). The record carries the allocation
+(bits per layer, histogram), the predicted error and that of the uniform width the budget allows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import reduce
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calib.blockwise import BlockInputs, get_decoder_layers, run_blockwise
+from ..modules import set_module, target_linears
+from ..quant.uniform import WeightQuantSpec, dequantize_weight, quantize_weight
+from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
+from .gptq import GPTQ, HessianCollector, _module_name, gptq_model, need_calibration
+from .rtn import check_group_size, fp16_qparams, make_quant_linear
+
+__all__ = ["MixedPrecision", "allocate_bits", "layer_bits", "MAX_STATES"]
+
+MAX_STATES = 400_000
+
+
+def layer_bits(out_f: int, in_f: int, bits: int, group_size: int, sym: bool) -> int:
+    """Stored bits of a QuantLinear: codes + fp16 scale (+ ``bits``-bit zero if asymmetric)."""
+    groups = 1 if group_size in (-1, 0) else in_f // group_size
+    return out_f * in_f * bits + out_f * groups * (16 + (0 if sym else bits))
+
+
+def allocate_bits(costs: list[list[int]], errors: list[list[float]], budget: int
+                  ) -> tuple[list[int], float]:
+    """Exact multiple-choice knapsack: one option per layer minimising the summed error with
+    summed cost ≤ ``budget``. Returns (option index per layer, total error). Raises
+    ``ValueError`` when even the cheapest options exceed the budget."""
+    L = len(costs)
+    if sum(min(c) for c in costs) > budget:
+        raise ValueError("budget below the cheapest allocation")
+    g = reduce(math.gcd, [c for row in costs for c in row] + [budget])
+    unit = g
+    if budget // g > MAX_STATES:
+        unit = math.ceil(budget / MAX_STATES)
+    cst = [[math.ceil(c / unit) for c in row] for row in costs]
+    B = budget // unit
+    inf = np.inf
+    dp = np.full(B + 1, inf)
+    dp[0] = 0.0
+    choice = np.zeros((L, B + 1), dtype=np.uint8)
+    for i in range(L):
+        new = np.full(B + 1, inf)
+        for j, (c, e) in enumerate(zip(cst[i], errors[i])):
+            if c > B:
+                continue
+            cand = np.full(B + 1, inf)
+            cand[c:] = dp[:B + 1 - c] + e
+            better = cand < new
+            new[better] = cand[better]
+            choice[i, better] = j
+        dp = new
+    end = int(np.argmin(dp))
+    if not np.isfinite(dp[end]):  # rounding made every option too expensive
+        raise ValueError("budget below the cheapest allocation at this cost resolution")
+    picks = [0] * L
+    for i in range(L - 1, -1, -1):
+        j = int(choice[i, end])
+        picks[i] = j
+        end -= cst[i][j]
+    return picks, float(sum(errors[i][p] for i, p in enumerate(picks)))
+
+
+def rtn_error(w: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec,
+              fisher: torch.Tensor | None = None) -> float:
+    """``Σ_i F_i (ΔW H ΔWᵀ)_ii`` for the stored RTN error ``ΔW`` (``F = 1`` when None)."""
+    s, z = fp16_qparams(w, spec)
+    q, s, z = quantize_weight(w, spec, s, z)
+    dW = w.float() - dequantize_weight(q, s, z)
+    per_row = (dW @ H * dW).sum(1)
+    return float(per_row.sum() if fisher is None else (per_row * fisher.to(per_row)).sum())
+
+
+def output_fisher(model: nn.Module, ids: torch.Tensor, names: list[str], device="cpu",
+                  progress: bool = True) -> dict[str, torch.Tensor]:
+    """``E[(∂L/∂y)²]`` per output channel of each named linear (L: next-token cross-entropy,
+    summed over tokens), from one forward/backward pass per sequence of ``ids [n, seqlen]``."""
+    mods = {n: model.get_submodule(n) for n in names}
+    acc = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
+    count = [0]
+
+    def fwd(name):
+        def grad_hook(g):
+            acc[name].add_(g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu())
+
+        def hook(_mod, _inp, out):
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return hook
+
+    handles = [m.register_forward_hook(fwd(n)) for n, m in mods.items()]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        emb = model.get_input_embeddings()
+        for row in tqdm(ids, desc="fisher", disable=not progress, leave=False):
+            x = row[None].to(device)
+            with torch.enable_grad():
+                e = emb(x).detach().requires_grad_(True)
+                logits = model(inputs_embeds=e, use_cache=False).logits.float()
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
+                loss.backward()
+            count[0] += x.shape[1]
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    return {n: (a / max(count[0], 1)).float() for n, a in acc.items()}
+
+
+@register
+class MixedPrecision(Method):
+    name = "mixed_precision"
+    kind = "weight"
+
+    @dataclass
+    class Config(MethodConfig):
+        avg_bits: float = opt(3.5, "budget: average stored bits per weight (codes + scales + "
+                              "zeros) over the quantized layers", range=(1.0, 16.0))
+        bits: list = field(default_factory=lambda: [2, 3, 4, 8],
+                           metadata={"doc": "candidate widths per layer (2..8)"})
+        quantizer: str = opt("gptq", "quantizer run at the allocated widths", choices=("rtn", "gptq"))
+        sensitivity: str = opt("fisher", "layer score: K-FAC Fisher-weighted (loss) or plain "
+                               "layer-output error", choices=("fisher", "output"))
+        fisher_samples: int = opt(4, "calibration sequences for the Fisher's backward passes",
+                                  range=(1, 1 << 20))
+        group_size: int = opt(64, "-1 per output channel, >0 inputs per group", range=(-1, 1 << 20))
+        sym: bool = opt(False, "symmetric (true) or asymmetric (false) weights")
+        act_order: bool = opt(True, "GPTQ act-order (with static groups, so no g_idx is stored)")
+        percdamp: float = opt(0.01, "GPTQ damping", range=(0.0, 1.0))
+        calib: str = opt("wiki", "calibration corpus (sensitivity and GPTQ)")
+        nsamples: int = opt(16, "calibration sequences", range=(1, 1 << 20))
+        seqlen: int = opt(512, "tokens per calibration sequence", range=(1, 1 << 20))
+        seed: int = opt(0, "calibration sampling seed", range=(0, 2**31 - 1))
+        skip: list = field(default_factory=list,
+                           metadata={"doc": "regexes of layer names to leave in 16 bits"})
+
+        def validate(self, key: str) -> None:
+            if not self.bits or any(not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 8
+                                    for b in self.bits):
+                raise ConfigError(f"{key}.bits={self.bits!r}: a non-empty list of integers 2..8")
+            if self.group_size == 0 or self.group_size < -1:
+                raise ConfigError(f"{key}.group_size={self.group_size}: use -1 or a positive size")
+
+        # the fields check_group_size / GPTQ read
+        @property
+        def w_bits(self) -> int:
+            return max(self.bits)
+
+    def check(self, model, cfg, key):
+        check_group_size(model, cfg, key)
+        lins = target_linears(model, cfg.skip)
+        lo = sum(layer_bits(m.out_features, m.in_features, min(cfg.bits), cfg.group_size, cfg.sym)
+                 for m in lins.values()) / max(sum(m.weight.numel() for m in lins.values()), 1)
+        if cfg.avg_bits < lo:
+            raise ConfigError(f"{key}.avg_bits={cfg.avg_bits}: below the smallest allocation "
+                              f"({lo:.3f} bits with every layer at {min(cfg.bits)} bits)")
+
+    # ------------------------------------------------------------------ sensitivity
+    def sensitivity(self, model: nn.Module, cfg: Config, ctx: QuantContext
+                    ) -> dict[str, dict[int, float]]:
+        calib = need_calibration(ctx, self.name)(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        targets = target_linears(model, cfg.skip)
+        prefix = _module_name(model, get_decoder_layers(model))
+        sens: dict[str, dict[int, float]] = {}
+        fisher = {}
+        if cfg.sensitivity == "fisher":
+            fisher = output_fisher(model, calib[:cfg.fisher_samples], list(targets), ctx.device,
+                                   ctx.progress)
+
+        def process(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+            bp = f"{prefix}.{i}."
+            mods = {n[len(bp):]: targets[n] for n in targets if n.startswith(bp)}
+            hc = HessianCollector(mods)
+            try:
+                inputs.run(block, keep_outputs=False, stop_after=list(mods.values()))
+            finally:
+                hc.remove()
+            for rel, lin in mods.items():
+                H = hc.hessian(rel, lin.in_features, lin.weight.device) / 2  # XᵀX / n
+                w = lin.weight.data.float()
+                sens[bp + rel] = {b: rtn_error(w, H, WeightQuantSpec(b, cfg.sym, cfg.group_size),
+                                               fisher.get(bp + rel))
+                                  for b in sorted(set(cfg.bits))}
+
+        run_blockwise(model, calib, process, device=ctx.device, progress=ctx.progress,
+                      desc="sensitivity")
+        return sens
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, model: nn.Module, cfg: Config, ctx: QuantContext) -> dict:
+        t0 = time.perf_counter()
+        widths = sorted(set(cfg.bits))
+        lins = target_linears(model, cfg.skip)
+        sens = self.sensitivity(model, cfg, ctx)
+        names = list(lins)
+        costs = [[layer_bits(lins[n].out_features, lins[n].in_features, b, cfg.group_size, cfg.sym)
+                  for b in widths] for n in names]
+        errors = [[sens[n][b] for b in widths] for n in names]
+        numel = sum(lins[n].weight.numel() for n in names)
+        budget = int(math.floor(cfg.avg_bits * numel))
+        picks, predicted = allocate_bits(costs, errors, budget)
+        alloc = {n: widths[p] for n, p in zip(names, picks)}
+        t_alloc = time.perf_counter() - t0
+        # the widest uniform width within the budget, for comparison
+        uni = [b for j, b in enumerate(widths) if sum(c[j] for c in costs) <= budget]
+        uniform = {"bits": max(uni), "predicted_error": sum(e[widths.index(max(uni))] for e in errors)} \
+            if uni else None
+
+        if cfg.quantizer == "rtn":
+            for name in tqdm(names, desc="mixed rtn", disable=not ctx.progress, leave=False):
+                lin = lins[name]
+                spec = WeightQuantSpec(alloc[name], cfg.sym, cfg.group_size)
+                s, z = fp16_qparams(lin.weight.data, spec)
+                codes, s, z = quantize_weight(lin.weight.data, spec, s, z)
+                set_module(model, name, make_quant_linear(lin, codes, s, z, spec, {}))
+            qstats = {}
+        else:
+            gcfg = GPTQ.Config(w_bits=max(widths), group_size=cfg.group_size, sym=cfg.sym,
+                               act_order=cfg.act_order, static_groups=True,  # no g_idx: the
+                               percdamp=cfg.percdamp, calib=cfg.calib,  # budget counts no g_idx
+                               nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
+                               skip=list(cfg.skip))
+            qstats = gptq_model(model, gcfg, ctx,
+                                spec_for=lambda n: WeightQuantSpec(alloc[n], cfg.sym, cfg.group_size),
+                                desc="mixed gptq")
+            qstats = {"gptq_mean_loss": qstats["mean_loss"], "repairs": qstats["repairs"]}
+        used = sum(c[p] for c, p in zip(costs, picks))
+        hist = {str(b): sum(1 for v in alloc.values() if v == b) for b in widths}
+        return {"layers": len(names), "budget_bits": cfg.avg_bits,
+                "allocated_bits": used / numel, "bits_histogram": hist,
+                "bits_per_layer": alloc, "predicted_error": predicted,
+                "uniform_within_budget": uniform, "seconds_sensitivity_and_allocation": t_alloc,
+                **qstats}
