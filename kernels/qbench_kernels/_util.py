@@ -7,10 +7,21 @@ import os
 
 import torch
 
-__all__ = ["interpreting", "sm_count", "split_k_for", "check_act_dtype", "ACT_DTYPES"]
+__all__ = ["autotuning", "tuned", "interpreting", "sm_count", "split_k_for", "check_act_dtype", "ACT_DTYPES"]
 
 #: activation dtypes the kernels accept (fp32 is for the CPU interpreter and exactness tests).
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def autotuning() -> bool:
+    """False with ``QBENCH_KERNELS_TUNE=0``: every kernel uses its first (default) config, so a
+    quick correctness run compiles each variant once instead of once per candidate config."""
+    return os.environ.get("QBENCH_KERNELS_TUNE", "1") not in ("0", "false", "no")
+
+
+def tuned(configs: list) -> list:
+    """The candidate configs, or only the first one when autotuning is off."""
+    return configs if autotuning() else configs[:1]
 
 
 def interpreting() -> bool:

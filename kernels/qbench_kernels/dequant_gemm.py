@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from ._util import check_act_dtype, interpreting, sm_count, split_k_for
+from ._util import check_act_dtype, interpreting, sm_count, split_k_for, tuned
 
 __all__ = ["unpack_codes_reference", "dequantize_reference", "dequant_gemm_reference", "dequant_gemm",
            "SUPPORTED_BITS"]
@@ -184,10 +184,10 @@ if triton is not None:
         if interpreting():  # one config: the interpreter is slow and timing means nothing there
             return [triton.Config({"BLOCK_N": 32, "GROUP_M": 1}, num_warps=4)]
         if kind == "gemv":
-            return [triton.Config({"BLOCK_N": bn, "GROUP_M": 1}, num_warps=w, num_stages=s)
-                    for bn, w, s in ((32, 4, 3), (64, 4, 3), (128, 4, 2), (128, 8, 3), (256, 8, 2))]
-        return [triton.Config({"BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                for bn, w, s in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3))]
+            return tuned([triton.Config({"BLOCK_N": bn, "GROUP_M": 1}, num_warps=w, num_stages=s)
+                          for bn, w, s in ((64, 4, 3), (32, 4, 3), (128, 4, 2), (128, 8, 3), (256, 8, 2))])
+        return tuned([triton.Config({"BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                      for bn, w, s in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (256, 8, 3))])
 
     _GEMV = triton.autotune(configs=_configs("gemv"),
                             key=["M", "N", "K", "BLOCK_M", "BLOCK_K", "BITS", "TILE_IN_GROUP"])(_dequant_gemm_kernel)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._util import check_act_dtype, interpreting, sm_count, split_k_for
+from ._util import check_act_dtype, interpreting, sm_count, split_k_for, tuned
 
 __all__ = ["quantize_act_int8_reference", "int8_gemm_reference", "unpack_int8_words", "quantize_act_int8",
            "int8_gemm"]
@@ -194,12 +194,12 @@ if triton is not None:
         _GEMV_CONFIGS = [triton.Config({"BLOCK_N": 32, "GROUP_M": 1}, num_warps=4)]
         _GEMM_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 1}, num_warps=4)]
     else:
-        _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "GROUP_M": 1}, num_warps=w, num_stages=s)
-                         for bn, w, s in ((32, 4, 4), (64, 4, 4), (128, 4, 3), (128, 8, 3))]
-        _GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w,
-                                       num_stages=s)
-                         for bm, bn, w, s in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3),
-                                              (64, 64, 4, 4))]
+        _GEMV_CONFIGS = tuned([triton.Config({"BLOCK_N": bn, "GROUP_M": 1}, num_warps=w, num_stages=s)
+                               for bn, w, s in ((64, 4, 4), (32, 4, 4), (128, 4, 3), (128, 8, 3))])
+        _GEMM_CONFIGS = tuned([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w,
+                                             num_stages=s)
+                               for bm, bn, w, s in ((128, 128, 8, 3), (64, 128, 4, 4), (128, 256, 8, 3),
+                                                    (64, 64, 4, 4))])
     _I8_GEMV = triton.autotune(configs=_GEMV_CONFIGS,
                                key=["M", "N", "K", "PACKED", "HAS_CX", "HAS_CW", "BLOCK_K"])(_int8_gemm_kernel)
     _I8_GEMM = triton.autotune(configs=_GEMM_CONFIGS,

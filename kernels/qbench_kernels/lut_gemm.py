@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._util import check_act_dtype, interpreting, sm_count, split_k_for
+from ._util import check_act_dtype, interpreting, sm_count, split_k_for, tuned
 
 __all__ = ["lut_tables_reference", "lut_gemm_reference", "bcq_dequantize_reference", "lut_gemm", "MU"]
 
@@ -210,10 +210,10 @@ if triton is not None:
         _LUT_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4)]
         _GEMM_CONFIGS = [triton.Config({"BLOCK_N": 32, "GROUP_M": 1}, num_warps=4)]
     else:
-        _LUT_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-                        for bn, w, s in ((32, 4, 2), (64, 4, 2), (128, 4, 2), (128, 8, 2))]
-        _GEMM_CONFIGS = [triton.Config({"BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=3)
-                         for bn, w in ((64, 4), (128, 4), (128, 8))]
+        _LUT_CONFIGS = tuned([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+                              for bn, w, s in ((64, 4, 2), (32, 4, 2), (128, 4, 2), (128, 8, 2))])
+        _GEMM_CONFIGS = tuned([triton.Config({"BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=3)
+                               for bn, w in ((128, 4), (64, 4), (128, 8))])
     _LUT = triton.autotune(configs=_LUT_CONFIGS,
                            key=["M", "N", "K", "Q", "HAS_Z", "TILE_IN_GROUP", "BLOCK_K"])(_lut_gemv_kernel)
     _BCQ_GEMM = triton.autotune(configs=_GEMM_CONFIGS,

@@ -98,7 +98,7 @@ class BCQ(Method):
                                             offset_bits=16 if cfg.offset else 0)
             dev = w_ref.device
             w_hat = new.dequantized_weight()
-            w_ref = w_ref.cpu()
+            w_ref = w_ref.to(w_hat.device)
             rel_err.append(float((w_hat - w_ref).norm() / w_ref.norm().clamp_min(1e-12)))
             set_module(model, name, new.to(dev))
         return {"layers": len(layers), "converted_quantized_layers": converted,

@@ -66,7 +66,8 @@ class BCQLinear(DequantCache, nn.Module):
         if res.offset is None:
             offset_bits = 0
         m = cls(in_f, out_f, bits, res.group_size, offset_bits, bias is not None, dtype=dtype)
-        m.qplanes.copy_(pack_planes(res.planes.cpu()))
+        m = m.to(res.planes.device)  # pack where the planes are (GPU quantization stays on the GPU)
+        m.qplanes.copy_(pack_planes(res.planes))
         m.alphas.copy_(res.alpha.to(torch.float16))
         if offset_bits:
             m.offsets.copy_(res.offset.to(m.offsets.dtype))
@@ -81,12 +82,10 @@ class BCQLinear(DequantCache, nn.Module):
 
     # ----------------------------------------------------------------- execution
     def planes(self) -> torch.Tensor:
-        return unpack_planes(self.qplanes.cpu(), self.in_features)
+        return unpack_planes(self.qplanes, self.in_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        w = bcq_dequantize(self.planes(), self.alphas.cpu(),
-                           None if self.offsets is None else self.offsets.cpu())
-        return w.to(self.qplanes.device)
+        return bcq_dequantize(self.planes(), self.alphas, self.offsets)
 
     def _kernel(self):
         k = kernels_for(self.qplanes)

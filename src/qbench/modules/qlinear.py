@@ -149,7 +149,7 @@ class QuantLinear(DequantCache, nn.Module, ActQuantMixin):
 
     # ----------------------------------------------------------------- execution
     def codes(self) -> torch.Tensor:
-        return unpack(self.qweight.cpu(), self.bits, self.in_features).to(self.qweight.device)
+        return unpack(self.qweight, self.bits, self.in_features)
 
     def zero_points(self) -> torch.Tensor:
         if self.sym:

@@ -40,7 +40,7 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     # int32 arithmetic throughout: a left shift that reaches bit 31 wraps exactly into the int32
     # reinterpretation of the uint32 word, so no 64-bit temporaries are needed.
     qs = q.reshape(rows * blocks, 32).t().contiguous()
-    words = torch.zeros(bits, rows * blocks, dtype=torch.int32)
+    words = torch.zeros(bits, rows * blocks, dtype=torch.int32, device=q.device)
     for i in range(32):
         w, sh = divmod(i * bits, 32)
         words[w] |= qs[i] << sh
@@ -58,7 +58,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     # int32: the arithmetic right shift's sign bits land above the mask (or are masked off).
     words = packed.reshape(-1, bits).t().to(torch.int32).contiguous()
     mask = 2**bits - 1
-    out = torch.empty(32, words.shape[1], dtype=torch.uint8)
+    out = torch.empty(32, words.shape[1], dtype=torch.uint8, device=words.device)
     for i in range(32):
         w, sh = divmod(i * bits, 32)
         v = words[w] >> sh

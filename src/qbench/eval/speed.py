@@ -1,0 +1,128 @@
+"""Inference speed of a (quantized) causal LM: prefill and decode tokens/s and peak memory.
+
+Protocol (shared by the ``eval_speed`` pipeline rule and ``benchmarks/decode_speed.py``):
+
+* **prefill**: one forward of ``[1, prefill]`` random token ids that fills the recipe's cache
+  (``cache_for_model``: KIVI / KVQuant caches where the recipe has one); tokens/s = prefill / time;
+* **decode** at batch ``b``: prefill a ``[b, prompt]`` prompt, then ``steps`` single-token forwards
+  feeding back the argmax (greedy) through the cache; tokens/s = ``b * steps`` / time of the steps;
+* every measurement runs once untimed first (Triton compilation/autotuning, allocator warm-up),
+  then ``repeats`` times; the median is reported. CUDA is synchronised around each timed region;
+* **peak memory**: ``torch.cuda.max_memory_allocated`` over the measurements (weights, cache,
+  activations) on CUDA; on CPU the process's peak RSS (``ru_maxrss``, whole process, a coarse
+  upper bound).
+
+The loop is PyTorch eager through the HF modeling code (no CUDA graphs, no torch.compile): at
+batch 1 kernel-launch overhead is part of what is measured. The record states the device, the
+packed modules' backend (Triton kernels on CUDA, the dequantize + ``F.linear`` reference on CPU)
+and the thread count.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+__all__ = ["measure_speed", "SPEED_METRICS"]
+
+SPEED_METRICS = ("prefill_tok_s", "decode_tok_s_b1", "peak_mem_gib")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str, repeats: int) -> float:
+    fn()  # warm-up: compilation, autotuning, allocator
+    ts = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def _peak_cpu_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@torch.no_grad()
+def measure_speed(model, *, device: str, vocab: int | None = None, prefill: int = 2048,
+                  prompt: int = 128, steps: int = 32, batches=(1,), repeats: int = 3,
+                  seed: int = 0, progress=None) -> dict:
+    """Prefill and decode throughput of ``model`` (already on ``device``); see the module doc."""
+    from ..modules.backend import model_backend
+    from ..modules.kv_cache import cache_for_model
+
+    vocab = vocab or model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    say = progress or (lambda s: None)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        weights_gib = torch.cuda.memory_allocated() / 2**30
+    else:
+        weights_gib = None
+
+    ids = torch.randint(0, vocab, (1, prefill), generator=g).to(device)
+
+    def run_prefill():
+        model(ids, past_key_values=cache_for_model(model), use_cache=True, logits_to_keep=1)
+
+    say(f"prefill {prefill} tokens")
+    t_pre = _timed(run_prefill, device, repeats)
+    out = {"prefill_tokens": prefill, "prefill_s": t_pre, "prefill_tok_s": prefill / t_pre}
+    for b in batches:
+        p = torch.randint(0, vocab, (b, prompt), generator=g).to(device)
+
+        def run_decode():
+            cache = cache_for_model(model)
+            logits = model(p, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            nxt = logits[:, -1:].argmax(-1)
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(steps):
+                logits = model(nxt, past_key_values=cache, use_cache=True).logits
+                nxt = logits[:, -1:].argmax(-1)
+            _sync(device)
+            return time.perf_counter() - t
+
+        say(f"decode batch {b}: {steps} steps after a {prompt}-token prompt")
+        run_decode()
+        t_dec = statistics.median(run_decode() for _ in range(repeats))
+        out[f"decode_s_b{b}"] = t_dec
+        out[f"decode_tok_s_b{b}"] = b * steps / t_dec
+    if device.startswith("cuda"):
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["weights_mem_gib"] = weights_gib
+        out["peak_mem_kind"] = "torch.cuda.max_memory_allocated (weights + cache + activations)"
+        out["gpu"] = torch.cuda.get_device_name()
+    else:
+        out["peak_mem_gib"] = _peak_cpu_gib()
+        out["peak_mem_kind"] = "process peak RSS (CPU; whole process, coarse upper bound)"
+    out.update({"device": device, "backend": model_backend(model), "threads": torch.get_num_threads(),
+                "protocol": {"prompt": prompt, "steps": steps, "batches": list(batches),
+                             "repeats": repeats, "loop": "eager HF forward, greedy, no CUDA graphs"}})
+    return out
+
+
+def device_slug(name: str) -> str:
+    """Folder name for a device: ``NVIDIA H100 80GB HBM3`` → ``nvidia-h100-80gb-hbm3``."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def md_table(rows: list[dict], cols: list[str], fmt=None) -> str:
+    """A GitHub markdown table (no tabulate needed: GPU check machines may not have it)."""
+    fmt = fmt or (lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v)))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

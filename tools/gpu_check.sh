@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One prepared GPU check for qbench's Triton kernels: runs on a bare CUDA machine in at most
+# ~8 minutes and writes everything into one folder.
+#
+#   bash tools/gpu_check.sh [OUT_DIR]        (default: gpu_check_out/<UTC timestamp>)
+#
+# Needs only a Python with torch (CUDA build), triton, transformers, pandas, matplotlib and
+# safetensors — no snakemake, lm-eval, pytest or model download: qbench and qbench_kernels are
+# taken from this working tree (PYTHONPATH), and speed is measured on random weights of real shapes.
+#
+# Steps (each under its own hard time limit, each writing its results as it goes):
+#   1. compiled kernel checks  — python -m qbench_kernels.selftest --device cuda   (the CI cases,
+#      fp16 + bf16; one config per kernel, QBENCH_KERNELS_TUNE=0)                   ≤ 150 s
+#   2. kernel latency table    — benchmarks/kernel_latency.py (target shapes first) ≤ 200 s
+#   3. decode speed            — benchmarks/decode_speed.py, Llama-3-8B widths with
+#      DECODE_LAYERS (default 8) of the 32 layers, all variants                    ≤ 120 s
+# Then a summary.txt with every step's exit status. Copy the folder's kernel_latency.* /
+# decode_speed.* / meta.json into reports/kernels/<device>/ to publish a run in the report.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu_check_out/$(date -u +%Y%m%dT%H%M%SZ)}
+PY=${PYTHON:-$(command -v python || command -v python3)}
+DECODE_LAYERS=${DECODE_LAYERS:-8}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export PYTHONPATH="$PWD/src:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+export QBENCH_KERNELS=auto
+T0=$SECONDS
+log() { echo "[gpu_check +$((SECONDS - T0))s] $*" | tee -a "$OUT/gpu_check.log"; }
+
+date -u > "$OUT/env.txt"
+{ git rev-parse HEAD 2>/dev/null; nvidia-smi 2>&1; } >> "$OUT/env.txt" || true
+if ! "$PY" - >> "$OUT/env.txt" 2>&1 <<'PYEOF'
+import sys
+import torch, triton, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__,
+      "transformers", transformers.__version__)
+if not torch.cuda.is_available():
+    sys.exit(2)
+print(torch.cuda.get_device_name())
+PYEOF
+then
+  log "no CUDA device visible to torch (or a package is missing): nothing to check (see env.txt)"
+  exit 2
+fi
+
+log "1/3 compiled kernel checks"
+QBENCH_KERNELS_TUNE=0 timeout 150 "$PY" -m qbench_kernels.selftest --device cuda > "$OUT/selftest.txt" 2>&1
+rc1=$?
+tail -n 1 "$OUT/selftest.txt" | tee -a "$OUT/gpu_check.log"
+
+log "2/3 kernel latency"
+timeout 200 "$PY" benchmarks/kernel_latency.py --out "$OUT" --budget-s 140 > "$OUT/kernel_latency.log" 2>&1
+rc2=$?
+
+log "3/3 decode speed (${DECODE_LAYERS} layers)"
+timeout 120 "$PY" benchmarks/decode_speed.py --out "$OUT" --layers "$DECODE_LAYERS" --steps 16 --repeats 2 \
+  --budget-s 80 > "$OUT/decode_speed.log" 2>&1
+rc3=$?
+
+{
+  echo "gpu_check finished in $((SECONDS - T0)) s  (exit status 124 = step hit its time limit)"
+  echo "selftest        rc=$rc1  $(tail -n 1 "$OUT/selftest.txt")"
+  echo "kernel_latency  rc=$rc2"
+  echo "decode_speed    rc=$rc3"
+  echo "results:"; find "$OUT" -mindepth 1 | sed "s|$OUT/|  |" | sort
+} > "$OUT/summary.txt"
+cat "$OUT/summary.txt"
+[[ $rc1 -eq 0 && $rc2 -eq 0 && $rc3 -eq 0 ]]
