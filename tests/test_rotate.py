@@ -151,3 +151,23 @@ def test_rotate_errors():
     (st,) = parse_recipe([{"rotate": {"kv_bits": 4, "kv_group_size": 5}}])
     with pytest.raises(ConfigError, match="kv_group_size"):
         get_method("rotate").check(tiny_llama(), st.config, "r")
+
+
+def test_stats_compare_in_the_rotated_basis():
+    import copy
+
+    from qbench.eval import stats as S
+    from qbench.methods.base import resolve_recipe
+
+    recipe = resolve_recipe([{"rotate": {"kv_bits": 4}}, {"rtn": {"w_bits": 8, "sym": True}}])
+    fp = model_with_outliers()
+    q = run(copy.deepcopy(fp), recipe)
+    ids = markov_tokens(64)[None]
+    naive = S.weight_stats(fp, q)
+    assert max(w["sqnr_db"] for w in naive) < 5  # the rotation, not the quantization
+    assert S.layerwise_distance(fp, q, ids)[-1]["cosine"] < 0.5
+    assert S.reference_in_recipe_basis(fp, recipe) == ["rotate"]
+    ws = S.weight_stats(fp, q)
+    assert min(w["sqnr_db"] for w in ws) > 35  # 8-bit per-channel error only
+    d = S.layerwise_distance(fp, q, ids)
+    assert d[-1]["cosine"] > 0.97  # what is left: KV4 + W8 (the reference has no KV quantizer)

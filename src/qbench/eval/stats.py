@@ -642,6 +642,23 @@ def _summary(weights, acts, dist, primary: str) -> dict:
     return s
 
 
+def reference_in_recipe_basis(fp_model: nn.Module, recipe: list) -> list[str]:
+    """Apply the recipe's exact change-of-basis stages to the fp reference, in order: methods of
+    kind ``transform`` that provide ``transform_only(model, config)`` (e.g. ``rotate``: the same
+    rotation, without its KV quantizer). A rotated model's weights, activations and hidden states
+    live in another basis than the original's, so without this every SQNR would measure the
+    rotation, not the quantization. Returns the names of the stages applied."""
+    from ..methods.base import get_method, parse_recipe
+
+    done = []
+    for st in parse_recipe(recipe, "manifest.recipe"):
+        m = get_method(st.method)
+        if m.kind == "transform" and callable(getattr(m, "transform_only", None)):
+            m.transform_only(fp_model, st.config)
+            done.append(st.method)
+    return done
+
+
 def evaluate_stats(fp_path: str | Path, q_path: str | Path, out_json: str | Path | None = None,
                    out_csv_dir: str | Path | None = None, *, corpus_dir: str | Path,
                    split: str = "test", n_windows: int = 4, seqlen: int = 256, seed: int = 0,
@@ -673,6 +690,7 @@ def evaluate_stats(fp_path: str | Path, q_path: str | Path, out_json: str | Path
     t0 = time.perf_counter()
     fp_model, _, _ = load_for_eval(fp_path, dtype=dtype, device=device)
     q_model, _, manifest = load_for_eval(q_path, dtype=dtype, device=device)
+    transformed = reference_in_recipe_basis(fp_model, manifest.get("recipe", []))
     methods = [next(iter(st)) for st in manifest.get("recipe", []) if isinstance(st, dict)]
     rescaling = [m for m in methods if m in RESCALING_METHODS]
     primary = "rescaled" if rescaling else "plain"
@@ -694,7 +712,8 @@ def evaluate_stats(fp_path: str | Path, q_path: str | Path, out_json: str | Path
         "stats", manifest, model=model_name, recipe=recipe_name, device=device, dtype=dtype,
         metrics=_json_safe(metrics), weights=_json_safe(w), activations=_json_safe(a),
         distance=_json_safe(d), identical=metrics.get("weight_identical_layers") == len(w) and bool(w),
-        primary_sqnr=primary, rescaling_methods=rescaling, definitions=DEFINITIONS, files=files,
+        primary_sqnr=primary, rescaling_methods=rescaling, reference_transforms=transformed,
+        definitions=DEFINITIONS, files=files,
         seconds=seconds,
         eval={"fp_path": str(fp_path), "corpus_dir": str(corpus_dir), "split": split,
               "n_windows": int(ids.shape[0]), "seqlen": seqlen, "seed": seed if split == "calib" else None,

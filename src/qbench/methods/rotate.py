@@ -40,6 +40,7 @@ function as the original (tested: logits equal within fp32 tolerance).
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass
 
@@ -150,6 +151,10 @@ class Rotate(Method):
                                                 clip_ratio=cfg.kv_clip_ratio).reshape(x.shape)
 
             attn.register_qkv_hook(model, KV_HOOK, lambda m, q, k, v: (q, fq(k), fq(v)), order=-10)
+
+    def transform_only(self, model: nn.Module, cfg: Config) -> None:
+        """The exact rotation without the KV quantizer (the reference statistics compare to)."""
+        self.apply(model, dataclasses.replace(cfg, kv_bits=16), QuantContext(progress=False))
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
