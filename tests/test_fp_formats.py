@@ -9,9 +9,10 @@ import torch
 
 from qbench.methods.base import QuantContext, get_method, parse_recipe
 from qbench.modules.fp_linear import FPLinear
-from qbench.quant.fp import (E2M1, E4M3, E5M2, code_table, decode, dequantize_scheme, e8m0_decode,
-                             e8m0_encode, encode, fake_quant_scheme, quantize_scheme,
-                             round_to_format)
+from qbench.quant.fp import (E2M1, E4M3, E5M2, _encode_reference, code_table, decode,
+                             dequantize_scheme, e8m0_decode, e8m0_encode, encode,
+                             fake_quant_scheme, quantize_scheme, round_to_format,
+                             round_to_format_reference)
 
 from helpers import tiny_llama
 
@@ -83,10 +84,28 @@ def test_rounding_matches_torch_cast(fmt, dt, sat):
     ties = (fin[1:] + fin[:-1]) / 2
     x = torch.cat([x, ties, -ties, fin])
     ref = x.to(dt).float()
-    ours = round_to_format(x, fmt, saturate=sat)
+    ours = round_to_format_reference(x, fmt, saturate=sat)  # from the definition
     assert torch.equal(ours, ref)
+    assert torch.equal(round_to_format(x, fmt, saturate=sat), ref)
     assert torch.equal(encode(x, fmt, saturate=sat), x.to(dt).view(torch.uint8))
     assert torch.equal(decode(encode(x, fmt, saturate=sat), fmt), ref)
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2, E2M1])
+@pytest.mark.parametrize("sat", [True, False])
+def test_fast_paths_equal_the_definition(fmt, sat):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50000, generator=g) * torch.exp2(torch.randint(-20, 18, (50000,), generator=g).float())
+    tab = code_table(fmt)
+    fin = tab[torch.isfinite(tab)].unique().sort().values
+    ties = (fin[1:] + fin[:-1]) / 2
+    x = torch.cat([x, ties, -ties, fin, torch.nextafter(ties, torch.zeros_like(ties)), t(0.0, -0.0)])
+    want = round_to_format_reference(x, fmt, sat)
+    got = round_to_format(x, fmt, sat)
+    assert torch.equal(torch.signbit(got), torch.signbit(want))
+    assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+    if sat or fmt.has_inf:
+        assert torch.equal(encode(x, fmt, sat), _encode_reference(x, fmt, sat))
 
 
 def test_e8m0():

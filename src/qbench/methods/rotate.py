@@ -33,6 +33,11 @@ range scaled by ``kv_clip_ratio``. Cache-less perplexity sees exactly what a per
 cache returns; during generation the hooks re-quantize the cached fp K/V, which gives the same
 numbers (per-token groups do not depend on other tokens) but not the memory saving.
 
+A later KV-cache stage (``rotate → kivi``) composes in perplexity (its ``qkv`` hook runs after the
+rotation's); in generation such a cache stores K as the attention module hands it over, i.e.
+before the post-RoPE rotation hook, so there it quantizes unrotated keys — use ``kv_bits`` here
+for the rotated-KV recipe.
+
 Run-time parts (steps 4, 5 and the KV quantizer) are not in the state dict; :meth:`attach`
 re-installs them on a loaded checkpoint. The rotated-but-unquantized model computes the same
 function as the original (tested: logits equal within fp32 tolerance).

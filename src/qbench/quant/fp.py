@@ -40,12 +40,14 @@ inverts :func:`encode` exactly. :mod:`qbench.modules.fp_linear` stores them pack
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 __all__ = [
-    "FPFormat", "E4M3", "E5M2", "E2M1", "FORMATS", "round_to_format", "encode", "decode",
+    "FPFormat", "E4M3", "E5M2", "E2M1", "FORMATS", "round_to_format", "round_to_format_reference",
+    "encode", "decode",
     "code_table", "e8m0_encode", "e8m0_decode", "SCHEMES", "Scheme", "quantize_scheme",
     "dequantize_scheme", "fake_quant_scheme", "scheme_bits",
 ]
@@ -79,8 +81,47 @@ E2M1 = FPFormat("e2m1", 2, 1, 1, 6.0)
 FORMATS = {f.name: f for f in (E4M3, E5M2, E2M1)}
 
 
+_TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def _e2m1_bounds() -> torch.Tensor:
+    """Decision boundaries between consecutive E2M1 magnitudes for ``torch.bucketize``
+    (``right=False``: a value equal to a boundary goes down). A tie goes to the even code, i.e.
+    up at 0.75, 1.75 and 3.5: those boundaries are moved one fp32 ulp down."""
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    up = torch.tensor([False, True, False, True, False, True, False])
+    return torch.where(up, torch.nextafter(mids, torch.tensor(-1.0)), mids)
+
+
+_E2M1_BOUNDS = _e2m1_bounds()
+
+
+def _magnitude_index(a: torch.Tensor) -> torch.Tensor:
+    """E2M1 magnitude code (0..7) of ``|x|`` with RNE and saturation."""
+    return torch.bucketize(a, _E2M1_BOUNDS.to(a.device))
+
+
 def round_to_format(x: torch.Tensor, fmt: FPFormat, saturate: bool = True) -> torch.Tensor:
-    """Round ``x`` to the nearest value of ``fmt`` (ties to even); fp32 result."""
+    """Round ``x`` to the nearest value of ``fmt`` (ties to even); fp32 result.
+
+    Fast paths, equal to :func:`round_to_format_reference` bit for bit (tested): FP8 through
+    torch's ``float8`` casts (after clamping to ±max when saturating; E4M3 without saturation
+    falls back to the reference), E2M1 with its three binade quanta written out."""
+    x = x.float()
+    dt = _TORCH_FP8.get(fmt.name)
+    if dt is not None and (saturate or fmt.has_inf):
+        xc = x.clamp(-fmt.max, fmt.max) if saturate else x
+        return xc.to(dt).float()
+    if fmt.name == "e2m1" and saturate:  # quantum 0.5 below 2, 1 below 4, 2 above; RNE; ±6
+        a = x.abs()
+        q = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+        return torch.round(x / q).mul_(q).clamp_(-E2M1.max, E2M1.max)
+    return round_to_format_reference(x, fmt, saturate)
+
+
+def round_to_format_reference(x: torch.Tensor, fmt: FPFormat, saturate: bool = True) -> torch.Tensor:
+    """Round ``x`` to the nearest value of ``fmt`` (ties to even), from the definition: the
+    quantum of ``x``'s binade (``2^(e-m)``, at least the subnormal quantum) and RNE. fp32 result."""
     x = x.float()
     a = x.abs()
     _, e = torch.frexp(a)  # a = f · 2^e, f ∈ [0.5, 1): floor(log2 a) = e - 1
@@ -95,6 +136,7 @@ def round_to_format(x: torch.Tensor, fmt: FPFormat, saturate: bool = True) -> to
     return torch.copysign(r, x)
 
 
+@functools.lru_cache(maxsize=None)
 def code_table(fmt: FPFormat) -> torch.Tensor:
     """Value of every code ``0 .. 2^bits - 1`` (fp32), from the format's definition."""
     n = 1 << fmt.bits
@@ -117,7 +159,20 @@ def code_table(fmt: FPFormat) -> torch.Tensor:
 def encode(x: torch.Tensor, fmt: FPFormat, saturate: bool = True) -> torch.Tensor:
     """Bit patterns (uint8) of ``x`` rounded to ``fmt``. NaN maps to the format's NaN code (E2M1
     has none: NaN input is an error)."""
-    r = round_to_format(x, fmt, saturate)
+    x = x.float()
+    dt = _TORCH_FP8.get(fmt.name)
+    if dt is not None and saturate:  # fast path: torch's cast gives the bit pattern
+        code = x.clamp(-fmt.max, fmt.max).to(dt).view(torch.uint8)
+        return torch.where(torch.isnan(x), torch.full_like(code, (1 << (fmt.bits - 1)) - 1), code)
+    if fmt.name == "e2m1" and saturate:
+        if torch.isnan(x).any():
+            raise ValueError("E2M1 has no NaN encoding")
+        return (_magnitude_index(x.abs()) | (torch.signbit(x).to(torch.int64) << 3)).to(torch.uint8)
+    return _encode_reference(x, fmt, saturate)
+
+
+def _encode_reference(x: torch.Tensor, fmt: FPFormat, saturate: bool) -> torch.Tensor:
+    r = round_to_format_reference(x, fmt, saturate)
     a = r.abs()
     sign = torch.signbit(r).to(torch.int32)
     _, e = torch.frexp(a)
@@ -241,5 +296,28 @@ def dequantize_scheme(q: dict[str, torch.Tensor], scheme: str) -> torch.Tensor:
 
 
 def fake_quant_scheme(x: torch.Tensor, scheme: str, granularity: str = "per_tensor") -> torch.Tensor:
-    """Quantize + dequantize (same dtype as ``x``)."""
-    return dequantize_scheme(quantize_scheme(x, scheme, granularity), scheme).to(x.dtype)
+    """Quantize + dequantize (same dtype as ``x``): the values :func:`dequantize_scheme` returns
+    for :func:`quantize_scheme`'s codes, computed without materialising the codes (the
+    activation path; tested equal)."""
+    s = SCHEMES[scheme]
+    xf = x.float()
+    if s.block == 0:
+        scale = _amax(xf, granularity) / s.element.max
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return (round_to_format(xf / scale, s.element) * scale).to(x.dtype)
+    n = xf.shape[-1]
+    if n % s.block:
+        raise ValueError(f"{scheme}: the last dimension ({n}) must be a multiple of {s.block}")
+    xb = xf.reshape(*xf.shape[:-1], n // s.block, s.block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    if s.scale == "e8m0":
+        _, e = torch.frexp(amax)
+        shared = torch.where(amax > 0, (e - 1) - s.element.emax, torch.full_like(e, -127)).clamp(-127, 127)
+        X = torch.ldexp(torch.ones_like(amax), shared)
+        out = round_to_format(xb / X, s.element) * X
+    else:
+        S = xf.abs().amax() / (E4M3.max * E2M1.max)
+        S = torch.where(S > 0, S, torch.ones_like(S))
+        total = round_to_format((amax / E2M1.max / S).clamp(NVFP4_BLOCK_SCALE_MIN, E4M3.max), E4M3) * S
+        out = round_to_format((xb / total).clamp(-E2M1.max, E2M1.max), E2M1) * total
+    return out.reshape(xf.shape).to(x.dtype)

@@ -53,18 +53,23 @@ def hqq_optimize(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, l
     maxq = 2 ** bits - 1
     best, best_z = float("inf"), z.clone()
     hist = []
+    n = W.numel()
     for _ in range(iters):
-        Wq = torch.round(W * s + z).clamp(0, maxq)
-        Wr = (Wq - z) / s
-        err = float((W - Wr).abs().mean())
+        # the reference's steps, with in-place ops (same arithmetic, fewer temporaries)
+        Wq = torch.addcmul(z, W, s).round_().clamp_(0, maxq)  # round(W·s + z)
+        E = torch.sub(W, torch.sub(Wq, z).div_(s))  # W − W_r
+        A = E.abs()
+        err = float(A.sum()) / n
         hist.append(err)
         if early_stop:
             if err < best:
                 best, best_z = err, z.clone()
             else:
                 break
-        We = shrink_lp(W - Wr, beta, lp_norm)
-        z = torch.mean(Wq - (W - We) * s, dim=1, keepdim=True)
+        # W_e = sign(E)·relu(|E| − |E|^(p−1)/β)  (shrink_lp)
+        We = A.pow(lp_norm - 1).mul_(-1.0 / beta).add_(A).relu_().mul_(E.sign_()) if lp_norm != 1 \
+            else A.sub_(1.0 / beta).relu_().mul_(E.sign_())
+        z = Wq.sub_(We.neg_().add_(W).mul_(s)).mean(dim=1, keepdim=True)  # mean(W_q − (W − W_e)·s)
         beta *= kappa
     if early_stop:
         z = best_z
