@@ -171,3 +171,17 @@ def test_stats_compare_in_the_rotated_basis():
     assert min(w["sqnr_db"] for w in ws) > 35  # 8-bit per-channel error only
     d = S.layerwise_distance(fp, q, ids)
     assert d[-1]["cosine"] > 0.97  # what is left: KV4 + W8 (the reference has no KV quantizer)
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random_orthogonal"])
+def test_residual_rotation_structured_equals_dense(kind):
+    from qbench.methods.rotate import ResidualRotation
+
+    R = ResidualRotation(576, kind, seed=5)
+    Q = R.matrix()
+    assert torch.allclose(Q @ Q.T, torch.eye(576, dtype=torch.float64), atol=1e-12)
+    if kind == "hadamard":
+        assert torch.allclose(Q, random_hadamard(576, 5), atol=1e-14)
+    W = torch.randn(40, 576, dtype=torch.float64)
+    assert torch.allclose(R.right(W), W @ Q, atol=1e-12)
+    assert torch.allclose(R.left_t(W.T), Q.T @ W.T, atol=1e-12)

@@ -55,24 +55,42 @@ from torch import nn
 from ..models import adapters
 from ..modules import attention as attn
 from ..modules import target_linears
-from ..quant.hadamard import hadamard, is_hadamard_order, online_hadamard, random_hadamard
+from ..quant.hadamard import is_hadamard_order, online_hadamard, random_signs
 from ..quant.uniform import fake_quantize_activation
 from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
 
-__all__ = ["Rotate", "residual_rotation"]
+__all__ = ["Rotate", "ResidualRotation"]
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 QK_HOOK, KV_HOOK = "rotate.qk", "rotate.kv"
 
 
-def residual_rotation(n: int, kind: str, seed: int) -> torch.Tensor:
-    """The orthogonal ``[n, n]`` (float64) rotation of the residual stream."""
-    if kind == "hadamard":
-        return random_hadamard(n, seed)
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(n, n, generator=g, dtype=torch.float64)
-    Qm, R = torch.linalg.qr(A)
-    return Qm * torch.sign(torch.diagonal(R))[None, :]  # Haar-distributed
+class ResidualRotation:
+    """The orthogonal ``Q [n, n]`` of the residual stream, applied without forming it when it is
+    a randomized Hadamard ``diag(s)·H/√n`` (``W·Q = online_hadamard(W·diag(s))``): folding costs
+    O(n·(k + 2^m)) per row instead of O(n²). Float64 throughout."""
+
+    def __init__(self, n: int, kind: str, seed: int):
+        self.n, self.kind = n, kind
+        if kind == "hadamard":
+            self.signs, self.dense = random_signs(n, seed), None
+        else:  # Haar-random orthogonal (QR of a Gaussian matrix, signs fixed by R's diagonal)
+            g = torch.Generator().manual_seed(seed)
+            A = torch.randn(n, n, generator=g, dtype=torch.float64)
+            Qm, R = torch.linalg.qr(A)
+            self.signs, self.dense = None, Qm * torch.sign(torch.diagonal(R))[None, :]
+
+    def right(self, W: torch.Tensor) -> torch.Tensor:
+        """``W·Q`` (rows of ``W`` are vectors in the residual basis)."""
+        W = W.double()
+        return W @ self.dense if self.dense is not None else online_hadamard(W * self.signs)
+
+    def left_t(self, W: torch.Tensor) -> torch.Tensor:
+        """``Qᵀ·W`` (``W`` writes into the residual stream along its rows)."""
+        return self.right(W.double().T).T
+
+    def matrix(self) -> torch.Tensor:
+        return self.right(torch.eye(self.n, dtype=torch.float64))
 
 
 def _dims(model: nn.Module) -> tuple[int, int, int, int, int]:
@@ -180,34 +198,32 @@ class Rotate(Method):
                 _set(lin, lin.weight.double() * gain[None, :])
             norm.weight.data.fill_(1.0)
 
-        Q = residual_rotation(d, cfg.rotation, cfg.seed)
-        Hd = hadamard(hd).double() / hd ** 0.5
-        Hf = hadamard(ffn).double() / ffn ** 0.5 if cfg.online_down else None
+        Q = ResidualRotation(d, cfg.rotation, cfg.seed)
         for block in adapters.get_layers(model):
             lin = adapters.block_linears(block)
+            if len(lin) != 7:
+                raise ValueError("rotate expects separate q/k/v and gate/up projections")
             a, o = block.self_attn, block.self_attn.o_proj
             mlp = adapters.get_mlp(block)
             qkv = [a.q_proj, a.k_proj, a.v_proj]
             fuse(adapters.attn_input_norm(block), qkv)
             fuse(adapters.mlp_input_norm(block), [mlp.gate_proj, mlp.up_proj])
             for r in qkv + [mlp.gate_proj, mlp.up_proj]:
-                _set(r, r.weight.double() @ Q)
+                _set(r, Q.right(r.weight))
             for w in (o, mlp.down_proj):
-                b = w.bias.double() @ Q if getattr(w, "bias", None) is not None else None
-                _set(w, Q.T @ w.weight.double(), b)
-            if cfg.rotate_v:
+                b = Q.right(w.bias[None])[0] if getattr(w, "bias", None) is not None else None
+                _set(w, Q.left_t(w.weight), b)
+            if cfg.rotate_v:  # value head h: rows W_v[h] ← H_dᵀ·W_v[h]; o_proj columns of head j ← ·H_d
                 Wv = a.v_proj.weight.double().reshape(kvh, hd, d)
                 bv = a.v_proj.bias
-                _set(a.v_proj, torch.matmul(Hd.T, Wv).reshape(kvh * hd, d),
-                     (bv.double().reshape(kvh, hd) @ Hd).reshape(-1) if bv is not None else None)
-                Wo = o.weight.double().reshape(d, heads, hd)
-                _set(o, torch.matmul(Wo, Hd).reshape(d, heads * hd))
-            if Hf is not None:
-                _set(mlp.down_proj, mlp.down_proj.weight.double() @ Hf)
-            assert len(lin) == 7, "rotate expects separate q/k/v and gate/up projections"
+                _set(a.v_proj, online_hadamard(Wv.transpose(1, 2)).transpose(1, 2).reshape(kvh * hd, d),
+                     online_hadamard(bv.double().reshape(kvh, hd)).reshape(-1) if bv is not None else None)
+                _set(o, online_hadamard(o.weight.double().reshape(d, heads, hd)).reshape(d, heads * hd))
+            if cfg.online_down:  # W_down ← W_down·H_f
+                _set(mlp.down_proj, online_hadamard(mlp.down_proj.weight.double()))
         fuse(final_norm, [head])
-        _set(head, head.weight.double() @ Q)
-        embed.weight.data = (embed.weight.double() @ Q).to(embed.weight.dtype)
+        _set(head, Q.right(head.weight))
+        embed.weight.data = Q.right(embed.weight).to(embed.weight.dtype)
         self.attach(model, cfg)
         return {"hidden_size": d, "head_dim": hd, "intermediate_size": ffn, "rotation": cfg.rotation,
                 "untied_lm_head": bool(tied), "online_hadamard": {

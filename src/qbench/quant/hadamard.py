@@ -20,7 +20,7 @@ import functools
 import torch
 
 __all__ = ["sylvester", "paley", "hadamard", "hadamard_factors", "is_hadamard_order",
-           "random_hadamard", "online_hadamard"]
+           "random_signs", "random_hadamard", "online_hadamard"]
 
 
 def _is_prime(q: int) -> bool:
@@ -103,11 +103,15 @@ def hadamard(n: int) -> torch.Tensor:
     return torch.kron(_kfactor(k), sylvester(p))
 
 
+def random_signs(n: int, seed: int = 0) -> torch.Tensor:
+    """The ±1 diagonal of QuaRot's randomized Hadamard (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+
+
 def random_hadamard(n: int, seed: int = 0) -> torch.Tensor:
     """QuaRot's randomized Hadamard rotation ``diag(±1)·H/√n`` (orthogonal, fp64 for folding)."""
-    g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
-    return signs[:, None] * hadamard(n).double() / n ** 0.5
+    return random_signs(n, seed)[:, None] * hadamard(n).double() / n ** 0.5
 
 
 def online_hadamard(x: torch.Tensor) -> torch.Tensor:
