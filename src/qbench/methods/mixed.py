@@ -2,15 +2,18 @@
 assigns weight bits per layer under an average-bits budget, then RTN or GPTQ at those bits.
 
 **Sensitivity.** A second-order estimate of the loss increase caused by quantizing one layer at
-width ``b``, with the layer's RTN error ``ΔW_b = W − Q_b(W)`` (group-wise, fp16 scales, as
-stored) and the Kronecker-factored (K-FAC) Fisher of the layer:
-``ΔL ≈ ½ Σ_i F_i · (ΔW_b H ΔW_bᵀ)_ii``, where ``H = E[x xᵀ]`` is the input second moment (the
-GPTQ statistics, one block-by-block pass) and ``F_i = E[(∂L/∂y_i)²]`` the squared gradient of the
-language-modelling loss at output channel ``i`` (one forward/backward pass of the float model over
-``fisher_samples`` calibration sequences). ``sensitivity: output`` drops ``F`` (all ones) and
-scores the layer-output error ``E‖ΔW_b x‖²`` alone (the GPTQ/OBQ layer objective), which ignores
-how much the loss cares about each layer. Measuring the perplexity change of each of SmolLM2's
-210 layers one by one would be the direct alternative; it is beyond the CPU budget.
+width ``b``, from its stored RTN error ``ΔW_b = W − Q_b(W)`` (group-wise, fp16 scales) and the
+Kronecker-factored (K-FAC) Fisher of the layer, ``F ≈ A ⊗ G`` with ``A = E[x xᵀ]`` (inputs) and
+``G = E[g gᵀ]`` (``g = ∂L/∂y``, gradients of the language-modelling loss at the layer output):
+``ΔL ≈ ½ vec(ΔW)ᵀ (A ⊗ G) vec(ΔW)``. ``sensitivity: fisher_diag`` (default) keeps the diagonals of
+both factors, ``s(l, b) = Σ_ij G_ii · A_jj · ΔW_ij²``, all from one forward/backward pass of the
+float model over ``fisher_samples`` calibration sequences — the diagonal-Fisher criterion of the
+mixed-precision literature (HAWQ-v2 uses the Hessian trace; this is its Fisher counterpart per
+weight). ``sensitivity: output`` instead scores the full layer-output error
+``tr(ΔW_b A ΔW_bᵀ) = E‖ΔW_b x‖²`` (the GPTQ/OBQ layer objective, ``G = I``) from a block-by-block
+pass over ``nsamples`` sequences; it ignores how much the loss cares about each layer and costs
+a dense ``ΔW·A`` product per layer and width. Measuring the perplexity change of each of
+SmolLM2's 210 layers one by one would be the direct alternative; it is beyond the CPU budget.
 
 **Allocator.** Minimise ``Σ_l s(l, b_l)`` subject to ``Σ_l bits_l(b_l) ≤ avg_bits · Σ_l n_l``, where
 ``bits_l(b)`` are the layer's exact stored bits (codes + fp16 scales + zeros, the
@@ -43,7 +46,7 @@ from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
 from .gptq import GPTQ, HessianCollector, _module_name, gptq_model, need_calibration
 from .rtn import check_group_size, fp16_qparams, make_quant_linear
 
-__all__ = ["MixedPrecision", "allocate_bits", "layer_bits", "MAX_STATES"]
+__all__ = ["MixedPrecision", "allocate_bits", "layer_bits", "kfac_diagonals", "rtn_error", "MAX_STATES"]
 
 MAX_STATES = 400_000
 
@@ -96,27 +99,32 @@ def allocate_bits(costs: list[list[int]], errors: list[list[float]], budget: int
 
 def rtn_error(w: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec,
               fisher: torch.Tensor | None = None) -> float:
-    """``Σ_i F_i (ΔW H ΔWᵀ)_ii`` for the stored RTN error ``ΔW`` (``F = 1`` when None)."""
+    """``Σ_i F_i (ΔW H ΔWᵀ)_ii`` for the stored RTN error ``ΔW`` (``F = 1`` when None); a 1-D
+    ``H`` is the diagonal of the input second moment (``Σ_ij F_i H_j ΔW_ij²``)."""
     s, z = fp16_qparams(w, spec)
     q, s, z = quantize_weight(w, spec, s, z)
     dW = w.float() - dequantize_weight(q, s, z)
-    per_row = (dW @ H * dW).sum(1)
+    per_row = (dW.square() * H.to(dW)[None, :]).sum(1) if H.dim() == 1 else (dW @ H * dW).sum(1)
     return float(per_row.sum() if fisher is None else (per_row * fisher.to(per_row)).sum())
 
 
-def output_fisher(model: nn.Module, ids: torch.Tensor, names: list[str], device="cpu",
-                  progress: bool = True) -> dict[str, torch.Tensor]:
-    """``E[(∂L/∂y)²]`` per output channel of each named linear (L: next-token cross-entropy,
-    summed over tokens), from one forward/backward pass per sequence of ``ids [n, seqlen]``."""
+def kfac_diagonals(model: nn.Module, ids: torch.Tensor, names: list[str], device="cpu",
+                   progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Diagonals of the K-FAC factors of each named linear, from one forward/backward pass per
+    sequence of ``ids [n, seqlen]``: ``G_ii = E[(∂L/∂y_i)²]`` (L: next-token cross-entropy, summed
+    over tokens) and ``A_jj = E[x_j²]``. Returns ``(G, A)``."""
     mods = {n: model.get_submodule(n) for n in names}
     acc = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
+    xsq = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in mods.items()}
     count = [0]
 
     def fwd(name):
         def grad_hook(g):
             acc[name].add_(g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu())
 
-        def hook(_mod, _inp, out):
+        def hook(_mod, inp, out):
+            x = inp[0].detach()
+            xsq[name].add_(x.double().pow(2).reshape(-1, x.shape[-1]).sum(0).cpu())
             if out.requires_grad:
                 out.register_hook(grad_hook)
         return hook
@@ -140,7 +148,8 @@ def output_fisher(model: nn.Module, ids: torch.Tensor, names: list[str], device=
             h.remove()
         for p, f in flags.items():
             p.requires_grad_(f)
-    return {n: (a / max(count[0], 1)).float() for n, a in acc.items()}
+    k = max(count[0], 1)
+    return ({n: (a / k).float() for n, a in acc.items()}, {n: (a / k).float() for n, a in xsq.items()})
 
 
 @register
@@ -155,10 +164,10 @@ class MixedPrecision(Method):
         bits: list = field(default_factory=lambda: [2, 3, 4, 8],
                            metadata={"doc": "candidate widths per layer (2..8)"})
         quantizer: str = opt("gptq", "quantizer run at the allocated widths", choices=("rtn", "gptq"))
-        sensitivity: str = opt("fisher", "layer score: K-FAC Fisher-weighted (loss) or plain "
-                               "layer-output error", choices=("fisher", "output"))
-        fisher_samples: int = opt(4, "calibration sequences for the Fisher's backward passes",
-                                  range=(1, 1 << 20))
+        sensitivity: str = opt("fisher_diag", "layer score: diagonal K-FAC Fisher (loss) or the "
+                               "full layer-output error", choices=("fisher_diag", "output"))
+        fisher_samples: int = opt(4, "calibration sequences for the Fisher's forward/backward "
+                                  "passes", range=(1, 1 << 20))
         group_size: int = opt(64, "-1 per output channel, >0 inputs per group", range=(-1, 1 << 20))
         sym: bool = opt(False, "symmetric (true) or asymmetric (false) weights")
         act_order: bool = opt(True, "GPTQ act-order (with static groups, so no g_idx is stored)")
@@ -196,12 +205,17 @@ class MixedPrecision(Method):
                     ) -> dict[str, dict[int, float]]:
         calib = need_calibration(ctx, self.name)(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
         targets = target_linears(model, cfg.skip)
-        prefix = _module_name(model, get_decoder_layers(model))
+        widths = sorted(set(cfg.bits))
         sens: dict[str, dict[int, float]] = {}
-        fisher = {}
-        if cfg.sensitivity == "fisher":
-            fisher = output_fisher(model, calib[:cfg.fisher_samples], list(targets), ctx.device,
-                                   ctx.progress)
+        if cfg.sensitivity == "fisher_diag":
+            G, A = kfac_diagonals(model, calib[:cfg.fisher_samples], list(targets), ctx.device,
+                                  ctx.progress)
+            for name, lin in targets.items():
+                w = lin.weight.data.float()
+                sens[name] = {b: rtn_error(w, A[name], WeightQuantSpec(b, cfg.sym, cfg.group_size),
+                                           G[name]) for b in widths}
+            return sens
+        prefix = _module_name(model, get_decoder_layers(model))
 
         def process(i: int, block: nn.Module, inputs: BlockInputs) -> None:
             bp = f"{prefix}.{i}."
@@ -214,9 +228,8 @@ class MixedPrecision(Method):
             for rel, lin in mods.items():
                 H = hc.hessian(rel, lin.in_features, lin.weight.device) / 2  # XᵀX / n
                 w = lin.weight.data.float()
-                sens[bp + rel] = {b: rtn_error(w, H, WeightQuantSpec(b, cfg.sym, cfg.group_size),
-                                               fisher.get(bp + rel))
-                                  for b in sorted(set(cfg.bits))}
+                sens[bp + rel] = {b: rtn_error(w, H, WeightQuantSpec(b, cfg.sym, cfg.group_size))
+                                  for b in widths}
 
         run_blockwise(model, calib, process, device=ctx.device, progress=ctx.progress,
                       desc="sensitivity")
