@@ -248,13 +248,45 @@ def n_value_outliers(n_channels: int, fraction: float) -> int:
     return min(n_channels - 1, max(1, int(round(fraction * n_channels))))
 
 
+_COUNT_MAX_MIDS = 15  # codebooks of up to 16 levels (4 bits) use compare-and-count
+
+
 def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level. ``levels [..., K]`` sorted ascending, batched like ``x [..., N]``
     (or 1-D ``[K]`` shared by every row). Ties go to the lower level."""
     mids = (levels[..., 1:] + levels[..., :-1]) * 0.5
+    if mids.shape[-1] <= _COUNT_MAX_MIDS:
+        # The index is the number of midpoints strictly below x (what bucketize/searchsorted
+        # return with right=False); for <= 16 levels, K-1 vectorised compares beat the per-element
+        # binary search ~5x on the CPU (same integers).
+        a = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+        for j in range(mids.shape[-1]):
+            a += x > (mids[j] if mids.dim() == 1 else mids[..., j:j + 1])
+        return a.long()
     if mids.dim() == 1:
         return torch.bucketize(x.contiguous(), mids.contiguous())
     return torch.searchsorted(mids.contiguous(), x.contiguous())
+
+
+def _exact_prefix_sums(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compensated prefix sums of ``v [G, N]`` (float64) along the last axis: ``(P, E)``, both
+    ``[G, N+1]`` with a leading 0, such that ``P[i] + E[i]`` is ``Σ_{j<i} v_j`` to ~eps² of the
+    total. ``P`` is the plain ``cumsum``; ``E`` accumulates the exact rounding error of each of its
+    additions (Knuth's TwoSum): a run sum ``P[r]−P[l] + E[r]−E[l]`` is then accurate to float64
+    round-off *of the run*, however small the run is next to the total (plain prefix differences
+    lose ~eps·total, which swamps runs of tiny sensitivity weights)."""
+    zero = torch.zeros(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
+    p = torch.cat([zero, v.cumsum(-1)], -1)
+    a, s = p[..., :-1], p[..., 1:]
+    bv = s - a
+    err = (a - (s - bv)) + (v - bv)  # (a + v) − s exactly
+    return p, torch.cat([zero, err.cumsum(-1)], -1)
+
+
+def _run_sums(p: torch.Tensor, e: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sums over the runs ``[b[:, j], b[:, j+1])`` from :func:`_exact_prefix_sums`."""
+    lo, hi = b[:, :-1], b[:, 1:]
+    return (p.gather(1, hi) - p.gather(1, lo)) + (e.gather(1, hi) - e.gather(1, lo))
 
 
 @torch.no_grad()
@@ -286,17 +318,29 @@ def weighted_kmeans_1d(x: torch.Tensor, w: torch.Tensor, k: int, iters: int,
     else:
         c = init.float().clone()
     c, _ = c.sort(dim=1)
-    wd = w.double()
+    # Lloyd on sorted data: a cluster is a contiguous run of the sorted points (the nearest level
+    # of x is the number of midpoints below it), so the cluster sums Σw, Σw·x, Σw·x² are
+    # differences of compensated float64 prefix sums at the run boundaries (``searchsorted`` of the
+    # k-1 midpoints) — O(G·k·log N) per iteration instead of O(G·N) assignments, gathers and
+    # scatter-adds. Identical assignments; the sums differ from a per-point accumulation by float64
+    # round-off only, and the error history is Σ_j (S2_j − 2c_j·S1_j + c_j²·S0_j) in float64.
+    xs, order = x.sort(dim=1)
+    wd = w.gather(1, order).double()
+    xd = xs.double()
+    prefix = [_exact_prefix_sums(t) for t in (wd, wd * xd, wd * xd * xd)]
+    ends = torch.full((g, 1), n, dtype=torch.long, device=x.device)
+    starts = torch.zeros(g, 1, dtype=torch.long, device=x.device)
     history: list[float] = []
     for it in range(iters + 1):
-        a = nearest_level(x, c)
-        err = x - c.gather(1, a)
-        history.append(float((wd * err.double() ** 2).sum()))
+        mids = (c[:, 1:] + c[:, :-1]) * 0.5
+        cut = torch.searchsorted(xs, mids.contiguous(), right=True)  # points <= each midpoint
+        b = torch.cat([starts, cut, ends], 1)
+        s0, s1, s2 = (_run_sums(p, e, b) for p, e in prefix)
+        cd = c.double()
+        history.append(float((s2 - 2 * cd * s1 + cd * cd * s0).sum()))
         if it == iters:
             break
-        sums = torch.zeros(g, k, dtype=torch.float64, device=x.device).scatter_add_(1, a, wd * x.double())
-        ws = torch.zeros(g, k, dtype=torch.float64, device=x.device).scatter_add_(1, a, wd)
-        c = torch.where(ws > 0, sums / ws.clamp_min(1e-300), c.double()).float()
+        c = torch.where(s0 > 0, s1 / s0.clamp_min(1e-300), cd).float()
         c, _ = c.sort(dim=1)
     return c, history
 
