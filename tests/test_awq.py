@@ -72,6 +72,54 @@ def test_clip_search_not_worse_than_no_clip():
     assert e_clip < e_plain
 
 
+def test_scale_search_gram_form_matches_forward():
+    # gram=True scores a grid point from H = xᵀx instead of running the linears: same losses up
+    # to round-off, same chosen scale; a linear left unquantized counts in the mean as zeros.
+    x = outlier_inputs(seed=4)
+    torch.manual_seed(5)
+    fcs = [nn.Linear(128, 48, bias=True), nn.Linear(128, 16, bias=False)]
+    spec = WeightQuantSpec(3, False, 32)
+
+    def fwd(x):
+        return torch.cat([fc(x) for fc in fcs], -1)
+
+    for quantize_ in ([True, True], [True, False]):
+        s_f, i_f = search_scale(x, fcs, fwd, spec, n_grid=20, quantize=quantize_)
+        s_g, i_g = search_scale(x, fcs, None, spec, n_grid=20, quantize=quantize_, gram=True)
+        assert torch.equal(s_f, s_g) and i_f["ratio"] == i_g["ratio"]
+        for a, b in zip(i_f["history"], i_g["history"]):
+            assert abs(a - b) <= 1e-5 * b
+
+
+def plain_clip(w, x, spec, n_grid=20, max_shrink=0.5):
+    """llm-awq's auto_clip_layer: partial outputs over the tokens, MSE per (row, group)."""
+    out_f, in_f = w.shape
+    gs = spec.group_len(in_f)
+    xg = x.reshape(-1, in_f // gs, gs)
+    wg = w.reshape(out_f, -1, gs)
+    org_max = wg.abs().amax(-1, keepdim=True)
+    org_out = torch.einsum("tgk,ogk->otg", xg, wg)
+    best, min_err = org_max.clone(), torch.full_like(org_max, float("inf"))
+    for i in range(int(max_shrink * n_grid)):
+        mv = org_max * (1 - i / n_grid)
+        q = fake_quantize_weight(torch.clamp(wg, -mv, mv).reshape(out_f, in_f), spec).reshape(wg.shape)
+        err = (torch.einsum("tgk,ogk->otg", xg, q) - org_out).pow(2).mean(1).unsqueeze(-1)
+        better = err < min_err
+        min_err[better], best[better] = err[better], mv[better]
+    return best.squeeze(-1)
+
+
+def test_clip_search_gram_form_matches_plain():
+    # search_clip scores each shrink step as dᵀ·H_g·d (float64); llm-awq runs the partial
+    # outputs through the tokens. Same choices here (a near-tie could differ by round-off).
+    x = outlier_inputs(n=256, seed=6)
+    torch.manual_seed(7)
+    w = torch.randn(96, 128)
+    w[:, 9] *= 6
+    spec = WeightQuantSpec(3, False, 32)
+    assert torch.equal(search_clip(w, x, spec, n_tokens=256), plain_clip(w, x, spec))
+
+
 def tiny_llama(kv_heads=2, layers=2, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -129,7 +177,7 @@ def logits(model, ids):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_awq_tiny_llama_beats_rtn_and_roundtrips(tmp_path, kv_heads):
+def test_awq_tiny_llama_beats_rtn_and_roundtrips(tmp_path, kv_heads, monkeypatch):
     from qbench.checkpoint import load_checkpoint, save_checkpoint
 
     ids = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(7))
@@ -139,7 +187,19 @@ def test_awq_tiny_llama_beats_rtn_and_roundtrips(tmp_path, kv_heads):
     quantize(m_rtn, [{"rtn": args}])
     m_awq = tiny_llama(kv_heads)
     recipe = [{"awq": {**args, "nsamples": 8, "seqlen": 64}}]
+    # The float outputs the capture pass keeps for the scale search are bit for bit what the
+    # search would compute (the same module calls on the same chunks).
+    checked = []
+
+    def checking_search(x, fcs, fwd, *a, org_out=None, **kw):
+        if org_out is not None:
+            assert torch.equal(org_out, fwd(x))
+            checked.append(1)
+        return search_scale(x, fcs, fwd, *a, org_out=org_out, **kw)
+
+    monkeypatch.setattr("qbench.methods.awq.search_scale", checking_search)
     stats = quantize(m_awq, recipe)
+    assert len(checked) == 4  # attention and MLP groups of both blocks
     assert stats["layers"] == 14
     assert stats["clipped_layers"] == 10  # all but q/k
     assert len(stats["scales"]) == 2 * (4 if kv_heads == 4 else 3)
