@@ -65,7 +65,29 @@ def resolve_config(config: dict) -> dict:
             raise ConfigError(f"select.{what}: unknown {what[:-1]} {bad[0]!r}; configured: {', '.join(pool)}")
         chosen[what] = names
     return {"recipes": recipes, "calib_corpora": calib, "calib_stats": stats, "models": chosen["models"],
-            "selected_recipes": chosen["recipes"]}
+            "selected_recipes": chosen["recipes"], "exports": resolve_exports(config, recipes)}
+
+
+def resolve_exports(config: dict, recipes: dict) -> list[dict]:
+    """The config's ``export`` list, checked: known recipe and format, and no recipe stage the
+    format cannot express (KV-cache / run-time stages; layer-level refusals come from the job)."""
+    from .export.common import FORMATS, ExportError, check_stages
+
+    out = []
+    for i, e in enumerate(config.get("export") or []):
+        key = f"export[{i}]"
+        if e.get("recipe") not in recipes:
+            raise ConfigError(f"{key}.recipe={e.get('recipe')!r}: unknown recipe; configured: {', '.join(recipes)}")
+        if e.get("format") not in FORMATS:
+            raise ConfigError(f"{key}.format={e.get('format')!r}: allowed values are {', '.join(FORMATS)}")
+        try:
+            check_stages({"recipe": recipes[e["recipe"]], "stats": {"recipe_name": e["recipe"]}}, e["format"])
+        except ExportError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        opts = {"float_type": e.get("float_type", "auto"), "require_exact": bool(e.get("require_exact", False))} \
+            if e["format"] == "gguf" else {}
+        out.append({"recipe": e["recipe"], "format": e["format"], "options": opts})
+    return out
 
 
 @contextlib.contextmanager

@@ -107,7 +107,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str, *, 
         from .gguf import export_gguf as exporter
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        info = exporter(model, tok, manifest, tmp, log=log, **options)
+        info = exporter(model, tok, manifest, tmp, source=checkpoint, log=log, **options)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         record = {
             "format": "qbench-export",

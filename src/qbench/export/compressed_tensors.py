@@ -128,7 +128,8 @@ def _targets(names: list[str], all_linear: list[str]) -> list[str]:
     return out
 
 
-def export_compressed_tensors(model: nn.Module, tok, manifest: dict, out, *, log=print) -> dict:
+def export_compressed_tensors(model: nn.Module, tok, manifest: dict, out, *, source=None,
+                              log=print) -> dict:
     import compressed_tensors
     from compressed_tensors.compressors import BaseCompressor, ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,
