@@ -70,6 +70,10 @@ def test_smoke_pipeline_produces_records_tables_and_report(smoke):
     # SmoothQuant read the shared calibration statistics computed once by the calib_stats rule
     assert (wd / "results/tiny/calib/tiny-4x64-s0/stats.safetensors").exists()
     assert "re-collecting" not in (wd / "logs/tiny/sq-w8a8/quantize.log").read_text()
+    gg = json.loads((wd / "results/tiny/w4-rtn-g32/export/gguf/qbench-export.json").read_text())
+    assert gg["gguf"]["types"] == {"Q4_1": 14} and (wd / "results/tiny/w4-rtn-g32/export/gguf/model.gguf").exists()
+    ct = json.loads((wd / "results/tiny/w8a8-rtn/export/compressed-tensors/qbench-export.json").read_text())
+    assert ct["quantization_config"]["format"] == "int-quantized" and ct["verification"]["exact"]
 
 
 @pytest.mark.slow
@@ -125,6 +129,10 @@ BAD = [
      "models.m.source.path='/nonexistent/model': no such file or directory"),
     ({"eval": {"ppl": {"corpora": ["nope"]}}}, "eval.ppl.corpora: unknown corpus 'nope'; configured corpora: wiki, news"),
     ({"eval": {"ppl": {"corpora": ["wiki"], "dtype": "fp8"}}}, "'fp8' is not one of ['float32', 'bfloat16', 'float16']"),
+    ({"export": [{"recipe": "kivi-2", "format": "gguf"}]},
+     "export[0]: recipes.kivi-2[0].kivi: gguf export refused: this stage quantizes the KV cache"),
+    ({"export": [{"recipe": "nope", "format": "gguf"}]}, "export[0].recipe='nope': unknown recipe"),
+    ({"export": [{"recipe": "fp", "format": "onnx"}]}, "'onnx' is not one of ['compressed-tensors', 'gguf']"),
 ]
 
 

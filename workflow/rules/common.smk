@@ -25,8 +25,21 @@ def _eval_recipes(section):
     return list(RECIPES) if names == "all" else [r for r in names if r in RECIPES]
 
 
+EXPORTS = [e for e in RESOLVED["exports"] if e["recipe"] in RECIPES]
+
+
 def all_targets():
-    return expand("reports/{model}/README.md", model=MODELS) + ["reports/README.md"]
+    exports = [f"results/{m}/{e['recipe']}/export/{e['format']}/qbench-export.json"
+               for m in MODELS for e in EXPORTS]
+    return expand("reports/{model}/README.md", model=MODELS) + ["reports/README.md"] + exports
+
+
+def export_options(wildcards):
+    """Options of one configured export (JSON for params), e.g. GGUF's float_type."""
+    for e in EXPORTS:
+        if (e["recipe"], e["format"]) == (wildcards.recipe, wildcards.format):
+            return json.dumps(e["options"], sort_keys=True)
+    raise ValueError(f"{wildcards.recipe}/{wildcards.format}: not in the config's export list")
 
 
 def all_records(wildcards):
@@ -76,3 +89,4 @@ wildcard_constraints:
     n="[0-9]+",
     seqlen="[0-9]+",
     seed="[0-9]+",
+    format="compressed-tensors|gguf",

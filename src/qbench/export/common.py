@@ -54,7 +54,8 @@ def check_stages(manifest: dict, fmt: str) -> None:
         if m.kind == "kv":
             what = "quantizes the KV cache at run time (its grids, groups and fp windows live in the cache)"
         elif m.runtime:
-            what = f"changes the forward pass at run time ({m.kind} quantization inside attention)"
+            what = (f"changes the forward pass at run time (a {m.kind} stage re-attached on every load: "
+                    "online rotations, attention or KV quantization)")
         else:
             continue
         raise ExportError(f"{stage_key(manifest, i, st.method)}: {fmt} export refused: this stage {what}; "

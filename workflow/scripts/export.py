@@ -1,0 +1,12 @@
+"""Snakemake script: export one checkpoint (compressed-tensors or GGUF) beside it."""
+import json
+from pathlib import Path
+
+from qbench.workflow import job
+
+with job(snakemake):  # noqa: F821 - injected by Snakemake
+    from qbench.export import export_checkpoint
+
+    smk = snakemake  # noqa: F821
+    export_checkpoint(Path(smk.input.manifest).parent, Path(smk.output.manifest).parent,
+                      smk.wildcards.format, **json.loads(smk.params.options))
