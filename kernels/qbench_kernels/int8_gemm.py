@@ -114,7 +114,7 @@ if triton is not None:
                 scale = (mx - mn) / 255
             scale = tl.where(scale > 0, scale, 1.0)
             if SYM:
-                zero = 128.0
+                zero = tl.zeros_like(scale) + 128.0  # a tensor (a bare literal would be a constexpr)
             else:
                 zero = _round_half_even(tl.math.div_rn(-mn, scale))
             tl.store(s_ptr + m, scale)
