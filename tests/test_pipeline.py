@@ -67,6 +67,9 @@ def test_smoke_pipeline_produces_records_tables_and_report(smoke):
     assert 0 <= tasks["metrics"]["qbench_mmlu/acc"] <= 1
     stats = json.loads((wd / "results/tiny/w4-rtn-g32/eval/stats.json").read_text())
     assert 0 < stats["metrics"]["weight_sqnr_db_mean"] < 60
+    speed = json.loads((wd / "results/tiny/w4-rtn-g32/eval/speed.json").read_text())
+    assert speed["metrics"]["decode_tok_s_b2"] > 0 and speed["backend"] == "reference" and speed["note"]
+    assert "## Speed" in readme and "| w4-rtn-g32 " in (wd / "reports/tiny/tables/speed.md").read_text()
     # SmoothQuant read the shared calibration statistics computed once by the calib_stats rule
     assert (wd / "results/tiny/calib/tiny-4x64-s0/stats.safetensors").exists()
     assert "re-collecting" not in (wd / "logs/tiny/sq-w8a8/quantize.log").read_text()

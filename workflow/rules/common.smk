@@ -17,6 +17,7 @@ KV_RECIPES = [r for r in KV_EVAL.get("recipes", []) if r in RECIPES]
 TASKS_EVAL = config["eval"].get("tasks") or {}
 CHAT_EVAL = config["eval"].get("chat") or {}
 STATS_EVAL = config["eval"].get("stats") or {}
+SPEED_EVAL = config["eval"].get("speed") or {}
 
 
 def _eval_recipes(section):
@@ -48,7 +49,8 @@ def all_records(wildcards):
                   recipe=RECIPES, corpus=PPL_CORPORA)
     recs += expand("results/{model}/{recipe}/eval/{name}.json", model=wildcards.model,
                    recipe=KV_RECIPES, name=["needle", "kv_memory"])
-    for section, name in ((TASKS_EVAL, "tasks"), (CHAT_EVAL, "chat"), (STATS_EVAL, "stats")):
+    for section, name in ((TASKS_EVAL, "tasks"), (CHAT_EVAL, "chat"), (STATS_EVAL, "stats"),
+                          (SPEED_EVAL, "speed")):
         recs += expand("results/{model}/{recipe}/eval/{name}.json", model=wildcards.model,
                        recipe=_eval_recipes(section), name=name)
     return recs

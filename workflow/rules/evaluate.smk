@@ -137,3 +137,29 @@ rule eval_stats:
         "../../envs/qbench.yaml"
     script:
         "../scripts/eval_stats.py"
+
+
+rule eval_speed:
+    input:
+        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+    output:
+        record="results/{model}/{recipe}/eval/speed.json",
+    params:
+        prefill=SPEED_EVAL.get("prefill", 2048),
+        prompt=SPEED_EVAL.get("prompt", 128),
+        steps=SPEED_EVAL.get("steps", 32),
+        batches=SPEED_EVAL.get("batches", [1, 16]),
+        repeats=SPEED_EVAL.get("repeats", 3),
+        dtype=SPEED_EVAL.get("dtype", "bfloat16"),
+    log:
+        "logs/{model}/{recipe}/eval_speed.log",
+    benchmark:
+        "benchmarks/out/{model}/{recipe}/eval_speed.tsv"
+    threads: threads_for("eval")
+    resources:
+        gpu=1,
+        mem_mb=RUNTIME.get("mem_mb", {}).get("eval", 4000),
+    conda:
+        "../../envs/qbench.yaml"
+    script:
+        "../scripts/eval_speed.py"

@@ -1,6 +1,7 @@
 # aggregate + report: every record → one table → markdown/CSV tables, figures and a README per
 # model, and reports/README.md over all models. Outputs are declared with report() so
 # `snakemake --report report.html` embeds every table and figure, with captions and categories.
+import glob
 
 
 rule report:
@@ -9,6 +10,8 @@ rule report:
         card="resources/models/{model}/qbench_model_card.json",
         manifests=lambda wc: expand("results/{model}/{recipe}/checkpoint/qbench.json", model=wc.model,
                                     recipe=RECIPES),
+        # the latest GPU kernel measurement shown in the report (files present when the DAG is built)
+        kernels=glob.glob("reports/kernels/*/meta.json") + glob.glob("reports/kernels/*/*.md"),
     output:
         ppl_md=report_item("reports/{model}/tables/perplexity.md", "Perplexity", "perplexity"),
         ppl_csv="reports/{model}/tables/perplexity.csv",
@@ -26,9 +29,13 @@ rule report:
         alpha_md=report_item("reports/{model}/tables/alpha_sweep.md", "Weight-activation", "alpha_table"),
         alpha_png=report_item("reports/{model}/figures/alpha_sweep.png", "Weight-activation", "alpha_sweep"),
         outliers_png=report_item("reports/{model}/figures/outliers.png", "Weight-activation", "outliers"),
+        speed_md=report_item("reports/{model}/tables/speed.md", "Speed", "speed"),
+        speed_csv="reports/{model}/tables/speed.csv",
+        speed_png=report_item("reports/{model}/figures/quality_vs_speed.png", "Speed", "quality_vs_speed"),
         readme="reports/{model}/README.md",
     params:
         recipes=RECIPES,
+        kernels_dir="reports/kernels",
     log:
         "logs/{model}/report.log",
     conda:

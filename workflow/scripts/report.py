@@ -9,4 +9,4 @@ with job(snakemake):  # noqa: F821 - injected by Snakemake
     build_report(smk.input.records, f"reports/{smk.wildcards.model}", model=smk.wildcards.model,
                  recipe_order=recipes, card=smk.input.card,
                  manifests=dict(zip(recipes, smk.input.manifests)),
-                 outputs={k: v for k, v in smk.output.items()})
+                 outputs={k: v for k, v in smk.output.items()}, kernels_dir=smk.params.kernels_dir)

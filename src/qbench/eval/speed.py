@@ -126,3 +126,32 @@ def md_table(rows: list[dict], cols: list[str], fmt=None) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def evaluate_speed(path, out_json=None, *, prefill: int = 2048, prompt: int = 128, steps: int = 32,
+                   batches=(1, 16), repeats: int = 3, dtype: str = "bfloat16", device: str | None = None,
+                   model_name: str | None = None, recipe_name: str | None = None) -> dict:
+    """Speed of one checkpoint on this job's device: one ``kind: "speed"`` record whose
+    ``metrics`` hold ``prefill_tok_s``, ``decode_tok_s_b<b>``, ``peak_mem_gib`` and, as strings,
+    the device (``speed_device``) and the packed modules' backend (``speed_backend``)."""
+    from ..api import base_record, load_for_eval, pick_device, write_record
+
+    device = pick_device(device)
+    model, _, manifest = load_for_eval(path, dtype=dtype, device=device)
+    res = measure_speed(model, device=device, prefill=prefill, prompt=prompt, steps=steps,
+                        batches=tuple(batches), repeats=repeats)
+    dev = res.get("gpu") or f"cpu ({res['threads']} threads)"
+    metrics = {k: v for k, v in res.items() if k.endswith("_tok_s") or k.startswith("decode_tok_s_b")}
+    metrics.update({"peak_mem_gib": res["peak_mem_gib"], "speed_device": dev, "speed_backend": res["backend"]})
+    note = None
+    if not device.startswith("cuda"):
+        note = ("CPU: packed modules run the PyTorch reference path (dequantize once + F.linear), not the "
+                "Triton kernels; timings are of this machine under its load at the time")
+    rec = base_record("speed", manifest, model=model_name, recipe=recipe_name, device=device, dtype=dtype,
+                      metrics=metrics, note=note,
+                      eval={"prefill": prefill, "prompt": prompt, "steps": steps, "batches": list(batches),
+                            "repeats": repeats, "peak_mem_kind": res["peak_mem_kind"],
+                            "loop": res["protocol"]["loop"]})
+    if out_json is not None:
+        write_record(out_json, rec)
+    return rec

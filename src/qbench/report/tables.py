@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .speed import SPEED_FILES, speed_section
+
 KV_METHODS = ("kivi", "kvquant", "qrazor_kv")
 ACT_METHODS = ("smoothquant", "llm_int8", "zeroquant")  # the seed tables them as W/A methods
 FAMILIES = ("weight-only", "weight-activation", "KV cache")
@@ -502,6 +504,7 @@ REPORT_FILES = {  # output key → path under reports/{model}/
     "memory_md": "tables/memory.md", "memory_csv": "tables/memory.csv", "pareto_png": "figures/pareto.png",
     "alpha_md": "tables/alpha_sweep.md", "alpha_png": "figures/alpha_sweep.png",
     "outliers_png": "figures/outliers.png", "distance_png": "figures/distance.png", "readme": "README.md",
+    **SPEED_FILES,
 }
 
 
@@ -520,7 +523,7 @@ def alpha_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order: list[str] | None = None,
                  outputs: dict[str, str] | None = None, card: str | Path | dict | None = None,
-                 manifests: dict | None = None) -> dict[str, str]:
+                 manifests: dict | None = None, kernels_dir: str | Path | None = None) -> dict[str, str]:
     """Every table (md/csv), figure and the README of one model's report, from its records.
 
     ``outputs`` overrides paths (keys of :data:`REPORT_FILES`); every file is always written (a
@@ -584,6 +587,8 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
     distance_fig = fig("distance_png", plot_distance(df, paths["distance_png"]),
                        "layer-wise hidden-state distance to fp")
 
+    speed_lines = speed_section(df, paths, model=model, recipe_order=recipe_order, kernels_dir=kernels_dir)
+
     commits = sorted(set(df["git_commit"].dropna())) if "git_commit" in df else []
     readme = [
         f"# qbench report: {model}", "",
@@ -611,6 +616,7 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "kurtosis and outlier channels of the fp model, and the relative L2 distance / cosine of the "
         "last block's hidden states to the fp model (per-layer CSVs and plots: "
         f"`results/{model}/<recipe>/eval/stats/`).", "", stats_md, distance_fig, "",
+        *speed_lines,
         "## SmoothQuant α sweep", "", at_md, alpha_fig, "",
         "## LLM.int8() outlier dimensions", "", outliers_fig, "",
         f"Records: {len(df)} (one JSON per recipe × evaluation under `results/{model}/`, each with its "
