@@ -136,6 +136,54 @@ if triton is not None:
         return w
 
     @triton.jit
+    def _gemv_pow2_tile(xrow, qw_ptr, s_ptr, z_ptr, gi_ptr, k0, K, N, offs_n, group_size,
+                        stride_qn, stride_sn, stride_zn,
+                        BITS: tl.constexpr, SYM: tl.constexpr, HAS_GIDX: tl.constexpr,
+                        TILE_IN_GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``Σ_k x[k]·w[n, k]`` over one K tile for one token, ``[BLOCK_N]`` fp32, when a word holds
+        a whole number of values (2/4/8 bits): every packed word is loaded once and its values
+        are unpacked by broadcasting shifts (``[words, values per word, BLOCK_N]``), without
+        reshaping; with one group per tile the scale and zero are applied after the reduction
+        (``s·(Σ x·q − z·Σ x)``)."""
+        PER: tl.constexpr = 32 // BITS
+        W: tl.constexpr = BLOCK_K // PER
+        wi = tl.arange(0, W)
+        j = tl.arange(0, PER)
+        k = k0 + wi[:, None] * PER + j[None, :]                       # [W, PER]
+        mn = offs_n < N
+        widx = k0 // PER + wi                                         # word of each group of PER values
+        n_words = tl.cdiv(K, 32) * BITS
+        words = tl.load(qw_ptr + offs_n[None, :] * stride_qn + widx[:, None],
+                        mask=(widx < n_words)[:, None] & mn[None, :], other=0)   # [W, BLOCK_N]
+        q = ((words[:, None, :] >> (j * BITS)[None, :, None]) & ((1 << BITS) - 1)).to(tl.float32)
+        x = tl.load(xrow + k, mask=k < K, other=0).to(tl.float32)    # [W, PER]
+        if TILE_IN_GROUP:
+            g = k0 // group_size
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mn, other=0).to(tl.float32)
+            xq = tl.sum(tl.sum(x[:, :, None] * q, axis=0), axis=0)    # [BLOCK_N]
+            xs = tl.sum(tl.sum(x, axis=1), axis=0)
+            if SYM:
+                out = s * (xq - (1 << (BITS - 1)) * xs)
+            else:
+                z = tl.load(z_ptr + offs_n * stride_zn + g, mask=mn, other=0).to(tl.float32)
+                out = s * (xq - z * xs)
+        else:
+            if HAS_GIDX:
+                g = tl.load(gi_ptr + k, mask=k < K, other=0)
+            else:
+                g = k // group_size
+            sofs = offs_n[None, None, :] * stride_sn + g[:, :, None]
+            m3 = (k < K)[:, :, None] & mn[None, None, :]
+            s = tl.load(s_ptr + sofs, mask=m3, other=0).to(tl.float32)
+            if SYM:
+                w = (q - (1 << (BITS - 1))) * s
+            else:
+                z = tl.load(z_ptr + offs_n[None, None, :] * stride_zn + g[:, :, None], mask=m3, other=0)
+                w = (q - z.to(tl.float32)) * s
+            out = tl.sum(tl.sum(x[:, :, None] * w, axis=0), axis=0)
+        return out
+
+    @triton.jit
     def _dequant_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, out_ptr,
                              M, N, K, group_size,
                              stride_xm, stride_qn, stride_sn, stride_zn, stride_os, stride_om,
@@ -164,19 +212,29 @@ if triton is not None:
         k_hi = tl.minimum(k_lo + per_split, K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=mm[:, None] & (offs_k[None, :] < K), other=0)
-            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_k, offs_n, k0, K, N, group_size,
-                              stride_qn, stride_sn, stride_zn, BITS, SYM, HAS_GIDX, TILE_IN_GROUP)
-            if BLOCK_M == 1:  # GEMV: multiply-reduce on CUDA cores, fp32
+            if BLOCK_M == 1 and 32 % BITS == 0:  # GEMV, 2/4/8 bits: one load per packed word
+                acc += _gemv_pow2_tile(x_ptr + pid_m * stride_xm, qw_ptr, s_ptr, z_ptr, gi_ptr, k0, K, N,
+                                       offs_n, group_size, stride_qn, stride_sn, stride_zn,
+                                       BITS, SYM, HAS_GIDX, TILE_IN_GROUP, BLOCK_K)[None, :]
+            elif BLOCK_M == 1:  # GEMV, 3/5/6/7 bits: per-value word gather, multiply-reduce in fp32
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=mm[:, None] & (offs_k[None, :] < K), other=0)
+                w = _dequant_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_k, offs_n, k0, K, N, group_size,
+                                  stride_qn, stride_sn, stride_zn, BITS, SYM, HAS_GIDX, TILE_IN_GROUP)
                 acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
-            elif IEEE:  # fp32 activations: exact fp32 products (no TF32)
-                acc = tl.dot(x, w, acc, input_precision="ieee")
-            elif UPCAST:  # interpreter only (its bf16 dot is wrong): same products, in fp32
-                acc = tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), acc, input_precision="ieee")
-            else:  # fp16 / bf16 on tensor cores, weight rounded to the activation dtype
-                acc = tl.dot(x, w.to(x.dtype), acc)
+            else:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=mm[:, None] & (offs_k[None, :] < K), other=0)
+                w = _dequant_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_k, offs_n, k0, K, N, group_size,
+                                  stride_qn, stride_sn, stride_zn, BITS, SYM, HAS_GIDX, TILE_IN_GROUP)
+                if IEEE:  # fp32 activations: exact fp32 products (no TF32)
+                    acc = tl.dot(x, w, acc, input_precision="ieee")
+                elif UPCAST:  # interpreter only (its bf16 dot is wrong): same products, in fp32
+                    acc = tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), acc, input_precision="ieee")
+                else:  # fp16 / bf16 on tensor cores, weight rounded to the activation dtype
+                    acc = tl.dot(x, w.to(x.dtype), acc)
         out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & (offs_n[None, :] < N))
 

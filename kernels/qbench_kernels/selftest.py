@@ -24,6 +24,8 @@ K, G = 576, 9  # groups of 64
 #: (m, N, sym, act_order, groups, split_k)
 DEQUANT_CASES = [
     (1, 40, False, True, G, 3),      # GEMV, act-order, three K slices
+    (1, 40, True, False, G, None),   # GEMV, symmetric, one group per K tile
+    (1, 24, False, False, 1, 2),     # GEMV, per-channel, two K slices
     (5, 40, True, False, G, None),   # GEMV (16-row dot), symmetric, consecutive groups
     (19, 24, False, True, G, None),  # tiled GEMM, act-order
     (19, 24, False, False, 1, None),  # tiled GEMM, per-channel
