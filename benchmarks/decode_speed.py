@@ -82,9 +82,10 @@ def write(out: Path, rows: list, skipped: list, args, batches, name: str, t0: fl
 
     base = next((r for r in rows if r["variant"] == "fp16"), None)
     keys = ["prefill_tok_s"] + [f"decode_tok_s_b{b}" for b in batches]
+    keys += [f"decode_graph_tok_s_b{b}" for b in batches if any(f"decode_graph_tok_s_b{b}" in r for r in rows)]
     for r in rows:
         for k in keys:
-            r[f"{k}_vs_fp16"] = r[k] / base[k] if (base and k in r and k in base) else None
+            r[f"{k}_vs_fp16"] = r[k] / base[k] if (base and r.get(k) and base.get(k)) else None
     shape = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")}
     meta = {"device": name, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "smoke": args.smoke, "shape": shape, "prefill": args.prefill, "prompt": args.prompt,
@@ -92,12 +93,12 @@ def write(out: Path, rows: list, skipped: list, args, batches, name: str, t0: fl
             "not_measured": skipped, "seconds": time.perf_counter() - t0}
     (out / "decode_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
     cols = ["variant", "backend"] + [c for k in keys for c in (k, f"{k}_vs_fp16")] + ["peak_mem_gib"]
-    if any("error" in r for r in rows):
-        cols.append("error")
+    cols += [c for c in ("decode_graph_note", "error") if any(c in r for r in rows)]
     pd.DataFrame(rows, columns=cols).to_csv(out / "decode_speed.csv", index=False)
     title = (f"Decode speed — {name}, {meta['date']}; random-weight Llama {shape} in "
              f"{'fp32 (CPU smoke: numbers meaningless)' if args.smoke else 'fp16'}; prefill {args.prefill} "
-             f"tokens, decode {args.steps} steps after a {args.prompt}-token prompt; eager HF loop")
+             f"tokens, decode {args.steps} steps after a {args.prompt}-token prompt; `decode_tok_s` = eager HF "
+             f"loop, `decode_graph_tok_s` = the same step replayed from a CUDA graph (StaticCache)")
     md = title + "\n\n" + md_table(rows, cols)
     if skipped:
         md += f"\nNot measured (time budget): {', '.join(skipped)}\n"
@@ -122,6 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "reports" / "kernels"))
     ap.add_argument("--budget-s", type=float, default=None)
+    ap.add_argument("--no-cuda-graph", action="store_true",
+                    help="skip the CUDA-graph decode measurement (eager loop only)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script")
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
             tq = time.perf_counter() - t
             res = measure_speed(model, device=device, vocab=args.vocab, prefill=args.prefill,
                                 prompt=args.prompt, steps=args.steps, batches=batches, repeats=args.repeats,
-                                seed=args.seed,
+                                seed=args.seed, cuda_graph=device == "cuda" and not args.no_cuda_graph,
                                 progress=lambda s, v=v: print(f"[decode_speed] {v}: {s}", flush=True))
             res.update({"variant": v, "recipe": VARIANTS[v], "build_quantize_s": tq})
             print(f"[decode_speed] {v}: prefill {res['prefill_tok_s']:.0f} tok/s, " + ", ".join(

@@ -53,11 +53,55 @@ def _peak_cpu_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _graph_decode(model, p: torch.Tensor, steps: int, repeats: int) -> float:
+    """Median seconds of ``steps`` decode steps replayed from one captured CUDA graph.
+
+    A ``StaticCache`` of ``prompt + steps + 2`` slots is filled by an eager prefill; one decode
+    step (fixed input-id and position tensors, updated in place between replays) is warmed up on a
+    side stream, captured, and replayed ``steps`` times with the argmax fed back — what serving
+    stacks do to take per-kernel launch overhead off the critical path at batch 1.
+    """
+    from transformers import StaticCache
+
+    b, prompt = p.shape
+    dev = p.device
+    times = []
+    for _ in range(repeats + 1):
+        cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 2)
+        logits = model(p, past_key_values=cache, cache_position=torch.arange(prompt, device=dev),
+                       use_cache=True, logits_to_keep=1).logits
+        ids = logits[:, -1:].argmax(-1)
+        pos = torch.tensor([prompt], device=dev)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (autotuning, allocator) outside the capture
+            for _ in range(2):
+                model(ids, past_key_values=cache, cache_position=pos, use_cache=True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            graph.replay()
+            ids.copy_(out[:, -1:].argmax(-1))
+            pos += 1
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        del graph, cache
+    return statistics.median(times[1:])
+
+
 @torch.no_grad()
 def measure_speed(model, *, device: str, vocab: int | None = None, prefill: int = 2048,
                   prompt: int = 128, steps: int = 32, batches=(1,), repeats: int = 3,
-                  seed: int = 0, progress=None) -> dict:
-    """Prefill and decode throughput of ``model`` (already on ``device``); see the module doc."""
+                  seed: int = 0, progress=None, cuda_graph: bool = False) -> dict:
+    """Prefill and decode throughput of ``model`` (already on ``device``); see the module doc.
+
+    ``cuda_graph`` (CUDA only) also times the decode steps replayed from a captured CUDA graph with
+    a ``StaticCache`` (``decode_graph_tok_s_b<b>``); a model whose recipe has its own KV cache
+    (KIVI, KVQuant) or a failed capture records the reason in ``decode_graph_note`` instead."""
     from ..modules.backend import model_backend
     from ..modules.kv_cache import cache_for_model
 
@@ -99,6 +143,16 @@ def measure_speed(model, *, device: str, vocab: int | None = None, prefill: int 
         t_dec = statistics.median(run_decode() for _ in range(repeats))
         out[f"decode_s_b{b}"] = t_dec
         out[f"decode_tok_s_b{b}"] = b * steps / t_dec
+        if cuda_graph and device.startswith("cuda"):
+            if getattr(model, "_qbench_kv", None):
+                out["decode_graph_note"] = "not captured: the recipe's KV cache is dynamic (packed appends)"
+                continue
+            say(f"decode batch {b}: CUDA graph")
+            try:
+                t_g = _graph_decode(model, p, steps, repeats)
+                out[f"decode_graph_tok_s_b{b}"] = b * steps / t_g
+            except Exception as e:  # noqa: BLE001 - eager figures stand; say why the graph did not
+                out["decode_graph_note"] = f"capture failed: {type(e).__name__}: {str(e)[:300]}"
     if device.startswith("cuda"):
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["weights_mem_gib"] = weights_gib
