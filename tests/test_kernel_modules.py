@@ -19,15 +19,24 @@ from qbench.quant.uniform import WeightQuantSpec, dequantize_weight, quantize_we
 
 from helpers import tiny_llama
 
-if not qk.interpreting():
-    pytest.skip("module tests run the kernels through the interpreter (CUDA: see test_kernels.py)",
-                allow_module_level=True)
+CUDA = torch.cuda.is_available() and not qk.interpreting()
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not qk.interpreting(), reason="interpreter not active")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA device")]),
+]
+#: logits agreement: fp32 in the interpreter (only the summation order differs), fp16 on CUDA
+TOL = {"cpu": 1e-3, "cuda": 2e-2}
 
 
-@pytest.fixture
-def kernels(monkeypatch):
-    """Run packed modules' kernels on CPU tensors (interpreter) for the duration of a test."""
-    monkeypatch.setenv("QBENCH_KERNELS", "interpret")
+@pytest.fixture(params=DEVICES)
+def kernels(request, monkeypatch):
+    """The device whose packed modules run their kernels: CPU through the interpreter, or CUDA."""
+    monkeypatch.setenv("QBENCH_KERNELS", "interpret" if request.param == "cpu" else "auto")
+    return request.param
+
+
+def on(model, device):
+    return model.to(device, torch.float16) if device == "cuda" else model
 
 
 def quantize(model, recipe):
@@ -68,21 +77,21 @@ def uniform_fake(spec, act=None):
 ], ids=["w4g32", "w3-sym-per-channel", "w8a8"])
 def test_packed_kernels_agree_with_fake_quant_logits(kernels, recipe, sim, backend):
     base = tiny_llama(layers=2)
-    ids = torch.randint(0, 256, (1, 11))
-    ref = simulate(base, sim)
-    packed = quantize(copy.deepcopy(base), [recipe])
+    ids = torch.randint(0, 256, (1, 11)).to(kernels)
+    ref = on(simulate(base, sim), kernels)
+    packed = on(quantize(copy.deepcopy(base), [recipe]), kernels)
     assert model_backend(packed) == backend
     with torch.no_grad():
-        want = ref(ids).logits
-        got = packed(ids).logits
-    assert rel_err(got, want) < 1e-3  # fp16 tolerance; only the summation order differs
+        want = ref(ids).logits.float()
+        got = packed(ids).logits.float()
+    assert rel_err(got, want) < TOL[kernels]
 
 
 def test_bcq_lut_kernel_agrees_with_fake_quant_logits(kernels):
     base = tiny_llama(layers=1)
-    ids = torch.randint(0, 256, (1, 4))
-    packed = quantize(copy.deepcopy(base), [{"bcq": {"w_bits": 3, "group_size": 32, "method": "greedy",
-                                                       "offset": True}}])
+    ids = torch.randint(0, 256, (1, 4)).to(kernels)
+    packed = on(quantize(copy.deepcopy(base), [{"bcq": {"w_bits": 3, "group_size": 32, "method": "greedy",
+                                                          "offset": True}}]), kernels)
     assert model_backend(packed) == "triton:lut_gemm"
 
     def fn(lin):
@@ -91,10 +100,13 @@ def test_bcq_lut_kernel_agrees_with_fake_quant_logits(kernels):
         new.weight.data = res.dequantize()
         return new
     with torch.no_grad():
-        assert rel_err(packed(ids).logits, simulate(base, fn)(ids).logits) < 1e-3
+        got = packed(ids).logits.float()
+        assert rel_err(got, on(simulate(base, fn), kernels)(ids).logits.float()) < TOL[kernels]
 
 
 def test_modules_kernel_and_reference_paths_agree(monkeypatch):
+    if not qk.interpreting():
+        pytest.skip("interpreter variant (on CUDA the logits tests above run the compiled kernels)")
     torch.manual_seed(0)
     lin = nn.Linear(576, 40, bias=True)
     x = torch.randn(1, 3, 576)
