@@ -162,7 +162,8 @@ class QuantLinear(DequantCache, nn.Module, ActQuantMixin):
     def _int8_path(self) -> bool:
         """W8A8 with per-channel weights: a true int8 × int8 GEMM (codes of both sides centred)."""
         return (self.bits == 8 and self.a_bits == 8 and self.n_groups == 1 and self.g_idx is None
-                and self.a_granularity in ("per_token", "per_tensor"))
+                and self.a_granularity in ("per_token", "per_tensor")
+                and (self.zeros is None or self.zeros.dtype == torch.uint8))  # integer zero points only
 
     def kernel_backend(self) -> str:
         if kernels_for(self.qweight) is None:
