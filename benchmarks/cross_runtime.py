@@ -74,8 +74,22 @@ def ensure_inputs(model_dir: Path, corpus_dir: Path):
         build_corpus("wiki", {"kind": "wiki"}, corpus_dir, tokenizer_dir=model_dir, progress=False)
 
 
-def llama_cpp_ppl(gguf_path: Path, win: torch.Tensor, threads: int) -> dict:
+def llama_cpp_ppl(gguf_path: Path, win: torch.Tensor, threads: int, repack: bool = False) -> dict:
+    import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama
+
+    if not repack:
+        # llama.cpp's --no-repack (use_extra_bufts=false): no AMX / repacked weight buffers. On this
+        # VM the CPU reports AMX but the kernel does not grant the tile state, and ggml's AMX
+        # matmul dies with SIGILL. The standard ggml CPU kernels (Q8_0 activations) run instead.
+        default = lib.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        lib.llama_model_default_params = params
 
     seqlen = win.shape[1]
     t0 = time.perf_counter()
@@ -93,6 +107,9 @@ def llama_cpp_ppl(gguf_path: Path, win: torch.Tensor, threads: int) -> dict:
         nll += float((logz - logits[np.arange(seqlen - 1), row[1:]]).sum())
         count += seqlen - 1
     secs = time.perf_counter() - t0
+    llm.close()
+    if not repack:
+        lib.llama_model_default_params = default
     return {"ppl": math.exp(nll / count), "nll": nll / count, "n_predicted": count, "seconds": secs,
             "load_seconds": load_s}
 
@@ -124,6 +141,7 @@ def main(argv=None):
     p.add_argument("--gptq", action="store_true", help="add GPTQ w4 g32 (sym, act-order, static groups)")
     p.add_argument("--ct", action="store_true", help="also check compressed-tensors exports in transformers")
     p.add_argument("--only", nargs="*", default=None, help="recipe names to run")
+    p.add_argument("--repack", action="store_true", help="let llama.cpp repack weights (AMX etc.)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -165,7 +183,7 @@ def main(argv=None):
                          "max_abs_weight_error": rec["verification"]["max_abs_weight_error"],
                          "bytes": (work / name / "gguf" / "model.gguf").stat().st_size}
             if have_llama:
-                lc = llama_cpp_ppl(work / name / "gguf" / "model.gguf", win, args.threads)
+                lc = llama_cpp_ppl(work / name / "gguf" / "model.gguf", win, args.threads, args.repack)
                 r["llama_cpp_ppl"] = lc["ppl"]
                 r["llama_cpp_seconds"] = lc["seconds"]
                 r["rel_diff_llama_cpp_vs_qbench"] = lc["ppl"] / ours["ppl"] - 1
