@@ -17,7 +17,8 @@ qbench evaluates in float32 (the reference path: dequantize + dense matmul). lla
 own CPU kernels: F16 weights with F16 activations for ``fp16``, and for Q8_0 / Q4_0 weights it
 quantizes activations to Q8_0 blocks inside the dot products — part of what is compared.
 
-llama-cpp-python is not a dependency of qbench (a source build; it takes ~30-60 min on 2 cores).
+llama-cpp-python is not a dependency of qbench (a source build: ~75 min on this project's 2-core
+machine under load from other jobs).
 Install it outside the project's requirements, e.g.::
 
     CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_OPENMP=OFF" \\
