@@ -2,13 +2,25 @@
 # This file only loads and validates the config and includes the rules (see workflow/rules/).
 from snakemake.utils import min_version, validate
 
+from qbench.workflow import pin_run_dir, prepare_output_dir
+
 min_version("9.0")
 
 
-configfile: "config.yaml"
+configfile: f"{workflow.basedir}/config.yaml"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
+
+
+# Every run writes under its own output directory (`output_dir`, default runs/default; Snakemake's
+# --directory overrides it), so no run touches the committed reports/ unless asked to
+# (`--config output_dir=.`). Relative source paths are relative to where snakemake was started;
+# cluster jobs inherit both directories (see qbench.workflow.prepare_output_dir).
+workdir: prepare_output_dir(config)
+
+
+pin_run_dir()
 
 
 report: "reports/workflow.rst"

@@ -25,3 +25,26 @@ def markov_tokens(n: int = 4096, vocab: int = 256, seed: int = 0) -> torch.Tenso
     for i in range(n - 1):
         out.append(int(nxt[out[-1], choice[i]]))
     return torch.tensor(out)
+
+
+def make_smoke_inputs(wd, overlay_name: str = "smoke.yaml", **changes):
+    """The smoke run's inputs in ``wd``: a tiny random Llama, a tiny news corpus and
+    configs/smoke.yaml with absolute paths to them (plus top-level ``changes``). Returns the
+    overlay's path."""
+    from pathlib import Path
+
+    import yaml
+
+    from qbench.data.corpora import news_documents
+    from qbench.models.tiny import make_tiny_llama
+
+    wd = Path(wd)
+    root = Path(__file__).resolve().parents[1]
+    make_tiny_llama(wd / "tiny-llama", hidden=64, layers=2, seed=0)
+    (wd / "tiny-corpus.txt").write_text("\n\n".join(news_documents()[:80]))
+    overlay = yaml.safe_load((root / "configs" / "smoke.yaml").read_text())
+    overlay["models"]["tiny"]["source"]["path"] = str(wd / "tiny-llama")
+    overlay["corpora"]["tiny"]["source"]["path"] = str(wd / "tiny-corpus.txt")
+    overlay.update(changes)
+    (wd / overlay_name).write_text(yaml.safe_dump(overlay))
+    return wd / overlay_name

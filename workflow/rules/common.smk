@@ -3,6 +3,7 @@
 # knob that changes a result is routed through a params entry below.
 import json
 
+from qbench.gpu import resolve_gpus
 from qbench.workflow import resolve_config
 
 RESOLVED = resolve_config(config)  # raises a clear error naming the bad key before any job
@@ -82,6 +83,22 @@ def report_item(path, subcategory, caption):
 
 def threads_for(kind):
     return int(RUNTIME.get("threads", {}).get(kind, 1))
+
+
+GPUS = resolve_gpus(RUNTIME.get("gpus", "auto"))  # GPUs per GPU job; 0 = GPU rules run on the CPU
+JOB_MEM_MB = {"prepare": 4000, "quantize": 8000, "eval": 4000, "report": 2000}
+JOB_MINUTES = {"prepare": 60, "quantize": 120, "eval": 120, "report": 30}
+
+
+def job_resources(kind, gpu=False):
+    """Resources of one job kind (prepare, quantize, eval, report) from `runtime.mem_mb` /
+    `runtime.minutes`; GPU rules also ask for `runtime.gpus` GPUs (none when it is 0). Cluster
+    executors turn these into the job request (SLURM: --mem, -t, --gpus); see profiles/slurm."""
+    res = {"mem_mb": int(RUNTIME.get("mem_mb", {}).get(kind, JOB_MEM_MB[kind])),
+           "runtime": int(RUNTIME.get("minutes", {}).get(kind, JOB_MINUTES[kind]))}
+    if gpu and GPUS:
+        res["gpu"] = GPUS
+    return res
 
 
 wildcard_constraints:

@@ -13,6 +13,8 @@ rule corpus:
     log:
         "logs/{model}/corpus-{corpus}.log",
     threads: 1
+    resources:
+        **job_resources("prepare"),
     conda:
         "../../envs/qbench.yaml"
     script:

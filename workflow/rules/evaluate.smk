@@ -20,8 +20,7 @@ rule eval_ppl:
         "benchmarks/out/{model}/{recipe}/eval_ppl.tsv"
     threads: threads_for("eval")
     resources:
-        gpu=1,
-        mem_mb=RUNTIME.get("mem_mb", {}).get("eval", 4000),
+        **job_resources("eval", gpu=True),
     conda:
         "../../envs/qbench.yaml"
     script:
@@ -45,8 +44,7 @@ rule eval_kv:
         "benchmarks/out/{model}/{recipe}/eval_kv.tsv"
     threads: threads_for("eval")
     resources:
-        gpu=1,
-        mem_mb=RUNTIME.get("mem_mb", {}).get("eval", 4000),
+        **job_resources("eval", gpu=True),
     conda:
         "../../envs/qbench.yaml"
     script:
@@ -80,8 +78,7 @@ rule eval_tasks:
         "benchmarks/out/{model}/{recipe}/eval_tasks.tsv"
     threads: threads_for("eval")
     resources:
-        gpu=1,
-        mem_mb=RUNTIME.get("mem_mb", {}).get("eval", 4000),
+        **job_resources("eval", gpu=True),
     conda:
         "../../envs/qbench.yaml"
     script:
@@ -104,8 +101,7 @@ rule eval_chat:
         "benchmarks/out/{model}/{recipe}/eval_chat.tsv"
     threads: threads_for("eval")
     resources:
-        gpu=1,
-        mem_mb=RUNTIME.get("mem_mb", {}).get("eval", 4000),
+        **job_resources("eval", gpu=True),
     conda:
         "../../envs/qbench.yaml"
     script:
@@ -131,8 +127,7 @@ rule eval_stats:
         "benchmarks/out/{model}/{recipe}/eval_stats.tsv"
     threads: threads_for("eval")
     resources:
-        gpu=1,
-        mem_mb=RUNTIME.get("mem_mb", {}).get("eval", 4000),
+        **job_resources("eval", gpu=True),
     conda:
         "../../envs/qbench.yaml"
     script:

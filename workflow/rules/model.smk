@@ -11,6 +11,8 @@ rule prepare_model:
     benchmark:
         "benchmarks/out/{model}/prepare_model.tsv"
     threads: threads_for("prepare")
+    resources:
+        **job_resources("prepare"),
     conda:
         "../../envs/qbench.yaml"
     script:

@@ -18,8 +18,7 @@ rule quantize:
         "benchmarks/out/{model}/{recipe}/quantize.tsv"
     threads: threads_for("quantize")
     resources:
-        gpu=1,
-        mem_mb=RUNTIME.get("mem_mb", {}).get("quantize", 8000),
+        **job_resources("quantize", gpu=True),
     conda:
         "../../envs/qbench.yaml"
     script:

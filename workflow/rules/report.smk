@@ -38,6 +38,8 @@ rule report:
         kernels_dir="reports/kernels",
     log:
         "logs/{model}/report.log",
+    resources:
+        **job_resources("report"),
     conda:
         "../../envs/qbench.yaml"
     script:
@@ -53,6 +55,8 @@ rule report_index:
         models=MODELS,
     log:
         "logs/report_index.log",
+    resources:
+        **job_resources("report"),
     conda:
         "../../envs/qbench.yaml"
     script:
