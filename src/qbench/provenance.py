@@ -59,6 +59,8 @@ def device_info(device: str) -> dict:
             "torch_threads": torch.get_num_threads()}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        # the slot the job ran on: a GPU UUID (qbench's lock) or SLURM's allocation
+        info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     return info
 
 

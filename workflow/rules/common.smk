@@ -2,6 +2,7 @@
 # target lists and small accessors. Only values passed through `params:` trigger re-runs, so every
 # knob that changes a result is routed through a params entry below.
 import json
+from pathlib import Path
 
 from qbench.gpu import resolve_gpus
 from qbench.workflow import resolve_config
@@ -79,6 +80,19 @@ def report_item(path, subcategory, caption):
     from reports/captions/<caption>.rst (paths relative to workflow/rules/)."""
     return report(path, category="{model}", subcategory=subcategory,
                   caption=f"../../reports/captions/{caption}.rst")
+
+
+def published_for(model):
+    """Published values this model's report compares with (config `published`): the CSV (absolute
+    path; relative ones are relative to the repository), the file's model name and the tolerance;
+    {} when none are configured for it."""
+    pub = config.get("published") or {}
+    name = (pub.get("models") or {}).get(model)
+    if not name:
+        return {}
+    source = pub.get("file", "reports/expected/qllm-infer.csv")
+    path = Path(source) if Path(source).is_absolute() else Path(workflow.basedir) / source
+    return {"file": str(path), "source": source, "model": name, "tolerance": pub.get("tolerance") or {}}
 
 
 def threads_for(kind):

@@ -3,6 +3,8 @@
 # `snakemake --report report.html` embeds every table and figure, with captions and categories.
 import glob
 
+KERNELS_DIR = f"{workflow.basedir}/reports/kernels"
+
 
 rule report:
     input:
@@ -10,8 +12,10 @@ rule report:
         card="resources/models/{model}/qbench_model_card.json",
         manifests=lambda wc: expand("results/{model}/{recipe}/checkpoint/qbench.json", model=wc.model,
                                     recipe=RECIPES),
-        # the latest GPU kernel measurement shown in the report (files present when the DAG is built)
-        kernels=glob.glob("reports/kernels/*/meta.json") + glob.glob("reports/kernels/*/*.md"),
+        # the latest GPU kernel measurement shown in the report (files present when the DAG is built;
+        # the repository's reports/kernels, whatever the run's output directory)
+        kernels=glob.glob(f"{KERNELS_DIR}/*/meta.json") + glob.glob(f"{KERNELS_DIR}/*/*.md"),
+        published=lambda wc: [published_for(wc.model)["file"]] if published_for(wc.model) else [],
     output:
         ppl_md=report_item("reports/{model}/tables/perplexity.md", "Perplexity", "perplexity"),
         ppl_csv="reports/{model}/tables/perplexity.csv",
@@ -32,10 +36,14 @@ rule report:
         speed_md=report_item("reports/{model}/tables/speed.md", "Speed", "speed"),
         speed_csv="reports/{model}/tables/speed.csv",
         speed_png=report_item("reports/{model}/figures/quality_vs_speed.png", "Speed", "quality_vs_speed"),
+        published_md=report_item("reports/{model}/tables/vs_published.md", "vs published", "vs_published"),
+        published_csv="reports/{model}/tables/vs_published.csv",
         readme="reports/{model}/README.md",
     params:
         recipes=RECIPES,
-        kernels_dir="reports/kernels",
+        kernels_dir=KERNELS_DIR,
+        published=lambda wc: json.dumps({k: v for k, v in published_for(wc.model).items() if k != "file"},
+                                        sort_keys=True),
     log:
         "logs/{model}/report.log",
     resources:

@@ -1,4 +1,6 @@
 """Snakemake script: aggregate every record of one model into tables, figures and a README."""
+import json
+
 from qbench.workflow import job
 
 with job(snakemake):  # noqa: F821 - injected by Snakemake
@@ -10,3 +12,9 @@ with job(snakemake):  # noqa: F821 - injected by Snakemake
                  recipe_order=recipes, card=smk.input.card,
                  manifests=dict(zip(recipes, smk.input.manifests)),
                  outputs={k: v for k, v in smk.output.items()}, kernels_dir=smk.params.kernels_dir)
+    from qbench.report.published import write_vs_published
+
+    pub = json.loads(smk.params.published)
+    write_vs_published(smk.output.records_csv, smk.output.readme, smk.output.published_md, smk.output.published_csv,
+                       model=smk.wildcards.model, expected=(list(smk.input.published) or [None])[0],
+                       published_model=pub.get("model"), tolerance=pub.get("tolerance"), source=pub.get("source", ""))

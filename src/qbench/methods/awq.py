@@ -227,6 +227,7 @@ def _chunked(inputs: BlockInputs, x: torch.Tensor, fn) -> torch.Tensor:
 @register
 class AWQ(Method):
     name = "awq"
+    blockwise = True  # everything happens inside run_blockwise (one block on the device at a time)
     kind = "weight"
 
     @dataclass

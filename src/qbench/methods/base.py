@@ -75,6 +75,11 @@ class Method:
     #: True when the method reads shared activation statistics (``ctx.calib_stats``); the workflow
     #: then computes them once per calibration set in the ``calib_stats`` rule.
     uses_act_stats: ClassVar[bool] = False
+    #: True when :meth:`apply` changes the model only through the block-by-block runner
+    #: (:func:`qbench.calib.blockwise.run_blockwise`, which moves one decoder block at a time to
+    #: ``ctx.device`` and back): the model can then stay in CPU memory while a GPU does the work
+    #: (see :func:`qbench.api.quantize_home`).
+    blockwise: ClassVar[bool] = False
 
     def check(self, model: nn.Module, cfg: MethodConfig, key: str) -> None:
         """Cheap checks against the model before any heavy work (e.g. group sizes)."""

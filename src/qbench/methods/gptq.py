@@ -291,6 +291,7 @@ def need_calibration(ctx: QuantContext, method: str):
 @register
 class GPTQ(Method):
     name = "gptq"
+    blockwise = True  # everything happens inside run_blockwise (one block on the device at a time)
     kind = "weight"
 
     @dataclass

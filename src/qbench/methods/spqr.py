@@ -309,6 +309,7 @@ class _HessianHook:
 @register
 class SpQR(Method):
     name = "spqr"
+    blockwise = True  # everything happens inside run_blockwise (one block on the device at a time)
     kind = "weight"
 
     @dataclass
