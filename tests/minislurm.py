@@ -3,8 +3,8 @@
 Uses Debian's packages (``munge``, ``slurmctld``, ``slurmd``, ``slurm-client``; SLURM 22.05 on
 Debian 12) and needs root (slurmd runs jobs as their user). No systemd, no cgroups:
 ``proctrack/linuxproc``, ``task/none``, accounting off (``sacct`` does not work: status comes from
-``squeue``, with ``MinJobAge=300``). Two partitions hold the one node: ``cpu`` (the default) and
-``gpu``. With ``gpus > 0`` the node has a count-only GPU gres: ``gres.conf`` points at character
+``squeue``; ``MinJobAge=7200`` keeps finished jobs listed for the checks). Two partitions hold
+the one node: ``cpu`` (the default) and ``gpu``. With ``gpus > 0`` the node has a count-only GPU gres: ``gres.conf`` points at character
 devices made with ``mknod`` (copies of /dev/null: SLURM insists on device files, and then exports
 ``CUDA_VISIBLE_DEVICES`` / ``SLURM_JOB_GPUS`` to each GPU job exactly as on a GPU node); where
 ``mknod`` is not allowed, at empty files (the count still works, the variables are not set).
@@ -121,7 +121,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 {"GresTypes=gpu" if self.gpus else ""}
-MinJobAge=300
+MinJobAge=7200
 ReturnToService=2
 MpiDefault=none
 SwitchType=switch/none
@@ -181,7 +181,7 @@ PartitionName=gpu Nodes=ALL Default=NO MaxTime=INFINITE State=UP
         return subprocess.run(list(cmd), capture_output=True, text=True, env=self.env, timeout=60)
 
     def jobs(self) -> list[dict]:
-        """Every job slurmctld still knows (finished ones stay MinJobAge = 300 s), as key=value
+        """Every job slurmctld still knows (finished ones stay MinJobAge = 7200 s), as key=value
         dicts from ``scontrol show job --oneliner``."""
         out = self.run("scontrol", "show", "job", "--oneliner").stdout
         jobs = []

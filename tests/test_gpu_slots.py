@@ -157,3 +157,22 @@ def test_gpus_knob_outside_slurm_and_errors(env, monkeypatch):
     assert cluster_gpu_count() is None and resolve_gpus("auto") == 1
     with pytest.raises(ValueError, match="runtime.gpus=-1: allowed values are auto or an integer >= 0"):
         resolve_gpus(-1)
+
+
+def test_gpu_rule_with_runtime_gpus_0_runs_on_the_cpu(env, monkeypatch, tmp_path):
+    """A GPU rule whose job asks for no GPU (`runtime.gpus: 0`: no `gpu` resource) hides the
+    GPUs; with `gpu=1` it claims a slot."""
+    from types import SimpleNamespace
+
+    from qbench.workflow import job
+
+    monkeypatch.setenv("FAKE_NVSMI", FOUR)
+    monkeypatch.setenv("QBENCH_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    log = tmp_path / "job.log"
+    with job(SimpleNamespace(log=[str(log)], threads=1, resources={}), gpu=True):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert "[qbench] device slot: cpu (runtime.gpus: 0)" in log.read_text()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with job(SimpleNamespace(log=[str(log)], threads=1, resources={"gpu": 1}), gpu=True):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa"
+    assert "[qbench] device slot: GPU-aaaa (locked GPU-aaaa)" in log.read_text()

@@ -117,8 +117,9 @@ def test_gpu_jobs_use_the_device_slurm_allocated(smoke_run):
                                           "cpu (no GPU for this job)"}, {s.group(1) for s in slots}
 
 
-def test_gpu_partition_from_the_site_block_and_cpu_only_runs(cluster, smoke_run, tmp_path):
-    wd, overlay, _, _ = smoke_run
+def test_gpu_partition_from_the_site_block_and_cpu_only_runs(cluster, tmp_path):
+    overlay = make_smoke_inputs(tmp_path)
+    run = tmp_path / "run"
     target = "results/tiny/w8-rtn/checkpoint/qbench.json"
     # 1. The site block set once: GPU rules go to the GPU partition, the rest stays put.
     profile = tmp_path / "profile"
@@ -127,18 +128,19 @@ def test_gpu_partition_from_the_site_block_and_cpu_only_runs(cluster, smoke_run,
     assert 'quantize: &gpu_rules {slurm_partition: ""}' in text
     (profile / "config.yaml").write_text(text.replace('&gpu_rules {slurm_partition: ""}',
                                                       '&gpu_rules {slurm_partition: "gpu"}'))
-    out, _ = snakemake_on(cluster, wd / "run", "--configfile", str(overlay), "--forcerun", target, target,
-                          profile=profile)
-    (jid,) = submitted(out).values()
-    job = next(j for j in cluster.jobs() if int(j["JobId"]) == jid)
-    assert (rule_of(job), job["Partition"], job["TresPerJob"]) == ("quantize", "gpu", "gres:gpu:1")
+    out, _ = snakemake_on(cluster, run, "--configfile", str(overlay), target, profile=profile)
+    jobs = {int(j["JobId"]): j for j in cluster.jobs()}
+    ran = {rule_of(jobs[i]): jobs[i] for i in submitted(out).values()}
+    assert set(ran) == {"prepare_model", "quantize"}
+    assert (ran["quantize"]["Partition"], ran["quantize"]["TresPerJob"]) == ("gpu", "gres:gpu:1")
+    assert ran["prepare_model"]["Partition"] == "cpu" and "gpu" not in ran["prepare_model"].get("TresPerJob", "")
     # 2. CPU-only (runtime.gpus: 0): no GPU asked, default partition, the job runs on the CPU.
     cfg = yaml.safe_load(overlay.read_text())
     cfg["runtime"]["gpus"] = 0  # a resource, not a param: nothing re-runs because of it
     cpu = tmp_path / "cpu.yaml"
     cpu.write_text(yaml.safe_dump(cfg))
-    out, _ = snakemake_on(cluster, wd / "run", "--configfile", str(cpu), "--forcerun", target, target)
+    out, _ = snakemake_on(cluster, run, "--configfile", str(cpu), target, "--forcerun", target)
     (jid,) = submitted(out).values()
     job = next(j for j in cluster.jobs() if int(j["JobId"]) == jid)
     assert (rule_of(job), job["Partition"]) == ("quantize", "cpu") and "gpu" not in job.get("TresPerJob", "")
-    assert "[qbench] device slot: cpu (runtime.gpus: 0)" in (wd / "run/logs/tiny/w8-rtn/quantize.log").read_text()
+    assert "[qbench] device slot: cpu (runtime.gpus: 0)" in (run / "logs/tiny/w8-rtn/quantize.log").read_text()

@@ -129,7 +129,7 @@ def job(smk, gpu: bool = False):
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
     slot = None
     try:
-        if gpu and int(smk.resources.get("gpu", 1) or 0) > 0:
+        if gpu and int(smk.resources.get("gpu", 0) or 0) > 0:  # absent: runtime.gpus is 0
             from .gpu import acquire_gpu
 
             slot = acquire_gpu()
