@@ -12,6 +12,8 @@ rule export:
         options=export_options,
     log:
         "logs/{model}/{recipe}/export-{format}.log",
+    resources:
+        **job_resources("prepare"),
     conda:
         "../../envs/qbench.yaml"
     script:
