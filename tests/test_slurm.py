@@ -128,7 +128,8 @@ def test_gpu_partition_from_the_site_block_and_cpu_only_runs(cluster, tmp_path):
     assert 'quantize: &gpu_rules {slurm_partition: ""}' in text
     (profile / "config.yaml").write_text(text.replace('&gpu_rules {slurm_partition: ""}',
                                                       '&gpu_rules {slurm_partition: "gpu"}'))
-    out, _ = snakemake_on(cluster, run, "--configfile", str(overlay), target, profile=profile)
+    # targets first: --configfile and --forcerun take every argument that follows them
+    out, _ = snakemake_on(cluster, run, target, "--configfile", str(overlay), profile=profile)
     jobs = {int(j["JobId"]): j for j in cluster.jobs()}
     ran = {rule_of(jobs[i]): jobs[i] for i in submitted(out).values()}
     assert set(ran) == {"prepare_model", "quantize"}
@@ -139,7 +140,7 @@ def test_gpu_partition_from_the_site_block_and_cpu_only_runs(cluster, tmp_path):
     cfg["runtime"]["gpus"] = 0  # a resource, not a param: nothing re-runs because of it
     cpu = tmp_path / "cpu.yaml"
     cpu.write_text(yaml.safe_dump(cfg))
-    out, _ = snakemake_on(cluster, run, "--configfile", str(cpu), target, "--forcerun", target)
+    out, _ = snakemake_on(cluster, run, target, "--configfile", str(cpu), "--forcerun", target)
     (jid,) = submitted(out).values()
     job = next(j for j in cluster.jobs() if int(j["JobId"]) == jid)
     assert (rule_of(job), job["Partition"]) == ("quantize", "cpu") and "gpu" not in job.get("TresPerJob", "")
