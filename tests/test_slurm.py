@@ -25,7 +25,7 @@ import minislurm
 from helpers import make_smoke_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_RULES = {"calib_stats", "quantize", "eval_ppl", "eval_kv", "eval_tasks", "eval_chat", "eval_stats"}
+GPU_RULES = {"calib_stats", "quantize", "eval_ppl", "eval_kv", "eval_tasks", "eval_chat", "eval_stats", "eval_speed"}
 
 pytestmark = pytest.mark.slow
 

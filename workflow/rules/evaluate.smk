@@ -152,8 +152,7 @@ rule eval_speed:
         "benchmarks/out/{model}/{recipe}/eval_speed.tsv"
     threads: threads_for("eval")
     resources:
-        gpu=1,
-        mem_mb=RUNTIME.get("mem_mb", {}).get("eval", 4000),
+        **job_resources("eval", gpu=True),
     conda:
         "../../envs/qbench.yaml"
     script:
