@@ -11,7 +11,8 @@ The peer is not a dependency of qbench. Install it outside the project venv's re
     PYTHONPATH=.peer .venv/bin/python benchmarks/awq_vs_peer.py
 
 Without it, only our numbers are printed. ``--layers N`` cuts the model to its first N blocks for
-a quick timing run (its perplexities mean nothing).
+a quicker run: its perplexities mean nothing, but ``hidden_mse`` (the final hidden states' mean
+squared distance from the fp model's on the eval windows) still compares the quantizations.
 
 Matching settings: llm-compressor's AWQ (0.14) searches the same four scaling groups
 (input_layernorm → q,k,v over ``self_attn``; v → o, skipped for this GQA model as in llm-awq;
@@ -33,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from peer_common import (ROOT, ensure_model, load_truncated, peer_name, ppl_fn, run_peer_oneshot,
-                         run_recipe)
+from peer_common import (ROOT, ensure_model, hidden_mse_fn, load_truncated, peer_name, ppl_fn,
+                         run_peer_oneshot, run_recipe)
 from qbench.data.corpora import load_tokens, sample_calibration
 
 
@@ -75,22 +76,28 @@ def main(argv=None):
     torch.manual_seed(0)
     model_dir = ensure_model(Path(args.model_dir))
     calib = sample_calibration(args.corpus_dir, args.nsamples, args.seqlen, args.seed)
-    ppl = ppl_fn(load_tokens(args.corpus_dir, "test"), args.eval_seqlen, args.eval_windows)
+    test = load_tokens(args.corpus_dir, "test")
+    ppl_ = ppl_fn(test, args.eval_seqlen, args.eval_windows)
+    mse_ = hidden_mse_fn(test, args.eval_seqlen, args.eval_windows)
+
+    def quality(model) -> dict:
+        return {"ppl": ppl_(model), "hidden_mse": mse_(model)}
+
     res = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
            "calib_tokens": int(calib.numel()), "load": os.getloadavg()}
     fp, _ = load_truncated(model_dir, args.layers)
-    res["fp"] = {"ppl": ppl(fp)}
+    res["fp"] = quality(fp)
     del fp
     base = {"w_bits": args.w_bits, "group_size": args.group_size, "sym": False}
     m, t, _, _ = run_recipe(model_dir, {"rtn": base}, layers=args.layers)
-    res["rtn"] = {"ppl": ppl(m), "seconds": t}
+    res["rtn"] = {**quality(m), "seconds": t}
     del m
     runs = [("ours", True)] + ([("ours_no_clip", False)] if args.no_clip_run else [])
     for name, clip in runs:
         stage = {"awq": {**base, "n_grid": args.n_grid, "clip": clip, "nsamples": calib.shape[0],
                          "seqlen": calib.shape[1]}}
         m, t, c, _ = run_recipe(model_dir, stage, calib, args.layers)
-        res[name] = {"ppl": ppl(m), "seconds": t, "cpu_seconds": c}
+        res[name] = {**quality(m), "seconds": t, "cpu_seconds": c}
         del m
         print(json.dumps({name: res[name]}), flush=True)
     if not args.skip_peer:
@@ -99,11 +106,12 @@ def main(argv=None):
         except ImportError as e:
             res["peer"] = {"error": f"llm-compressor not importable ({e}); see the module docstring"}
         else:
-            res["peer"] = {"name": peer_name(), "ppl": ppl(m), "seconds": t, "cpu_seconds": c}
+            res["peer"] = {"name": peer_name(), **quality(m), "seconds": t, "cpu_seconds": c}
             for name, _ in runs:
                 res[f"wall_time_ratio_{name}_over_peer"] = res[name]["seconds"] / t
                 res[f"cpu_time_ratio_{name}_over_peer"] = res[name]["cpu_seconds"] / c
                 res[f"ppl_ratio_{name}_over_peer"] = res[name]["ppl"] / res["peer"]["ppl"]
+                res[f"hidden_mse_ratio_{name}_over_peer"] = res[name]["hidden_mse"] / res["peer"]["hidden_mse"]
     res["load_after"] = os.getloadavg()
     print(json.dumps(res, indent=2))
     if args.json:

@@ -58,6 +58,26 @@ def ppl_fn(test: torch.Tensor, seqlen: int, windows: int):
     return ppl
 
 
+def hidden_mse_fn(test: torch.Tensor, seqlen: int, windows: int):
+    """``mse(model)``: mean squared difference of the final hidden states (after the last norm)
+    from the fp model's on the first eval windows. Meaningful for a cut model (``--layers``),
+    whose perplexity is not; call it on the fp model first (that call sets the reference)."""
+    n = min(windows, test.numel() // seqlen)
+    ids = test[: n * seqlen].reshape(n, seqlen)
+    ref: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def mse(model) -> float:
+        h = torch.cat([model.model(input_ids=ids[i:i + 1], use_cache=False).last_hidden_state.float()
+                       for i in range(n)])
+        if not ref:
+            ref.append(h)
+            return 0.0
+        return float((h - ref[0]).pow(2).mean())
+
+    return mse
+
+
 def run_peer_oneshot(model_dir, calib: torch.Tensor, recipe, layers=None):
     """llm-compressor's ``oneshot`` with its sequential pipeline on ``calib`` ``[n, seqlen]``, in
     the given order, logs at WARNING. Returns ``(model, wall seconds, cpu seconds)``."""

@@ -8,7 +8,7 @@ from qbench.methods.base import ConfigError, QuantContext, get_method, parse_rec
 from qbench.modules.kv_cache import KVCodebooks, KVQuantCache, cache_for_model
 from qbench.quant.kv import (
     apply_rope, fit_kvquant_layer, invert_rope, kvq_dequant_k, kvq_dequant_v, kvq_quant_k, kvq_quant_v,
-    n_value_outliers, nearest_level, weighted_kmeans_1d,
+    n_value_outliers, nearest_level, weighted_kmeans_1d, weighted_kmeans_1d_reference,
 )
 
 
@@ -44,26 +44,6 @@ def test_weighted_kmeans_never_increases_error():
     assert float((c2 > 2).sum()) > float((c1 > 2).sum())
 
 
-def reference_kmeans(x, w, k, iters):
-    """Plain weighted Lloyd: per-point assignment by binary search, scatter-add cluster sums."""
-    x, wd = x.float(), w.float().clamp_min(0).double()
-    t = torch.linspace(0, 1, k)
-    valid = w > 0
-    lo = torch.where(valid, x, torch.full_like(x, float("inf"))).amin(1)
-    hi = torch.where(valid, x, torch.full_like(x, float("-inf"))).amax(1)
-    c = (lo.unsqueeze(1) + (hi - lo).unsqueeze(1) * t).sort(1).values
-    hist = []
-    for it in range(iters + 1):
-        a = torch.searchsorted(((c[:, 1:] + c[:, :-1]) * 0.5).contiguous(), x.contiguous())
-        hist.append(float((wd * (x - c.gather(1, a)).double() ** 2).sum()))
-        if it == iters:
-            break
-        z = torch.zeros(x.shape[0], k, dtype=torch.float64)
-        sums, ws = z.clone().scatter_add_(1, a, wd * x.double()), z.clone().scatter_add_(1, a, wd)
-        c = torch.where(ws > 0, sums / ws.clamp_min(1e-300), c.double()).float().sort(1).values
-    return c, hist
-
-
 def test_weighted_kmeans_matches_plain_lloyd():
     # The sorted prefix-sum implementation makes the same assignments as a per-point Lloyd; the
     # float64 sums differ by round-off only (fp32 centroids equal to ~1 ulp, errors to ~1e-7).
@@ -73,7 +53,7 @@ def test_weighted_kmeans_matches_plain_lloyd():
     w[:, ::17] = 0
     for k in (4, 8, 16):
         c, hist = weighted_kmeans_1d(x, w, k, 20)
-        c_ref, hist_ref = reference_kmeans(x, w, k, 20)
+        c_ref, hist_ref = weighted_kmeans_1d_reference(x, w, k, 20)
         torch.testing.assert_close(c, c_ref, rtol=1e-6, atol=1e-6)
         for a, b in zip(hist, hist_ref):
             assert abs(a - b) <= 1e-6 * b

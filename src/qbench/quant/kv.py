@@ -67,7 +67,7 @@ __all__ = [
     "k_to_rows", "rows_to_k", "v_to_rows", "rows_to_v",
     "kivi_quant_lengths", "kivi_fake_quant",
     "rotate_half", "apply_rope", "invert_rope",
-    "n_value_outliers", "weighted_kmeans_1d", "nearest_level",
+    "n_value_outliers", "weighted_kmeans_1d", "weighted_kmeans_1d_reference", "nearest_level",
     "kvq_quant_k", "kvq_dequant_k", "kvq_quant_v", "kvq_dequant_v",
     "fit_kvquant_layer", "kvquant_fake_quant",
 ]
@@ -343,6 +343,33 @@ def weighted_kmeans_1d(x: torch.Tensor, w: torch.Tensor, k: int, iters: int,
         c = torch.where(s0 > 0, s1 / s0.clamp_min(1e-300), cd).float()
         c, _ = c.sort(dim=1)
     return c, history
+
+
+@torch.no_grad()
+def weighted_kmeans_1d_reference(x: torch.Tensor, w: torch.Tensor, k: int, iters: int,
+                                 lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
+                                 ) -> tuple[torch.Tensor, list[float]]:
+    """Plain weighted Lloyd (per-point assignment by binary search, scatter-add cluster sums,
+    uniform start between ``lo`` and ``hi``, by default the weighted points' min and max): the
+    reference :func:`weighted_kmeans_1d` is tested and benchmarked against."""
+    x, wd = x.float(), w.float().clamp_min(0).double()
+    valid = w > 0
+    if lo is None:
+        lo = torch.where(valid, x, torch.full_like(x, float("inf"))).amin(1)
+    if hi is None:
+        hi = torch.where(valid, x, torch.full_like(x, float("-inf"))).amax(1)
+    lo, hi = lo.float(), hi.float()
+    c = (lo.unsqueeze(1) + (hi - lo).unsqueeze(1) * torch.linspace(0, 1, k, device=x.device)).sort(1).values
+    hist = []
+    for it in range(iters + 1):
+        a = torch.searchsorted(((c[:, 1:] + c[:, :-1]) * 0.5).contiguous(), x.contiguous())
+        hist.append(float((wd * (x - c.gather(1, a)).double() ** 2).sum()))
+        if it == iters:
+            break
+        z = torch.zeros(x.shape[0], k, dtype=torch.float64, device=x.device)
+        sums, ws = z.clone().scatter_add_(1, a, wd * x.double()), z.clone().scatter_add_(1, a, wd)
+        c = torch.where(ws > 0, sums / ws.clamp_min(1e-300), c.double()).float().sort(1).values
+    return c, hist
 
 
 def kvq_quant_k(rows: torch.Tensor, levels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
