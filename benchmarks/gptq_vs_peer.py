@@ -11,7 +11,8 @@ The peer is not a dependency of qbench. Install it outside the project venv's re
 
 (llm-compressor 0.14 pins transformers<=5.17 and compressed-tensors==0.19; with ``--no-deps`` it
 runs on CPU with transformers 5.23 and compressed-tensors 0.20 for this model.) Without it, only
-our numbers are printed.
+our numbers are printed. ``--layers N`` cuts the model to its first N blocks for a quicker timing
+run (its perplexities mean nothing).
 
 Matching settings: llm-compressor's sequential pipeline collects the Hessians of all linears of a
 decoder layer in one pass and propagates the quantized layer's outputs, i.e. our
@@ -38,7 +39,7 @@ def run_ours(model_dir, calib, args, true_sequential):
                       "act_order": args.act_order, "static_groups": args.static_groups,
                       "percdamp": args.percdamp, "blocksize": 128, "true_sequential": true_sequential,
                       "nsamples": calib.shape[0], "seqlen": calib.shape[1]}}
-    model, t, c, stats = run_recipe(model_dir, stage, calib)
+    model, t, c, stats = run_recipe(model_dir, stage, calib, args.layers)
     return model, t, {"cpu_seconds": c, "repairs": len(stats["repairs"])}
 
 
@@ -56,7 +57,7 @@ def run_peer(model_dir, calib, args):
         weights["actorder"] = None
     recipe = GPTQModifier(ignore=["lm_head"], block_size=128, dampening_frac=args.percdamp,
                           config_groups={"group_0": {"targets": ["Linear"], "weights": weights}})
-    return run_peer_oneshot(model_dir, calib, recipe)
+    return run_peer_oneshot(model_dir, calib, recipe, args.layers)
 
 
 def main(argv=None):
@@ -75,6 +76,7 @@ def main(argv=None):
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (timing only)")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
@@ -85,11 +87,11 @@ def main(argv=None):
     ppl = ppl_fn(load_tokens(args.corpus_dir, "test"), args.eval_seqlen, args.eval_windows)
     res = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
            "calib_tokens": int(calib.numel()), "load": os.getloadavg()}
-    fp, _ = load_truncated(model_dir)
+    fp, _ = load_truncated(model_dir, args.layers)
     res["fp"] = {"ppl": ppl(fp)}
     del fp
     m, t, _, _ = run_recipe(model_dir, {"rtn": {"w_bits": args.w_bits, "group_size": args.group_size,
-                                                "sym": args.sym}})
+                                                "sym": args.sym}}, layers=args.layers)
     res["rtn"] = {"ppl": ppl(m), "seconds": t}
     del m
     for ts in (False, True):
