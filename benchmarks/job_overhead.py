@@ -4,7 +4,9 @@ Each recipe runs in a fresh interpreter doing what ``workflow/scripts/quantize.p
 (``qbench.api.quantize``: load the model, apply the recipe, write the checkpoint), timed by phase:
 
 * ``startup``: interpreter start until the job's first statement;
-* ``import_torch``, ``import_transformers``, ``import_qbench`` (``qbench.api`` and the methods);
+* ``import_torch``, ``import_transformers``, ``import_qbench`` (``qbench.api`` and the methods),
+  ``import_model_code`` (transformers' Llama modeling code, which ``from_pretrained`` would import
+  lazily, with the generation and masking utilities and ``torch._dynamo`` it pulls in);
 * ``load``: model load and recipe check (``load_seconds`` of the manifest);
 * ``compute``: the recipe's stages (``quantize_seconds``) — the pure compute;
 * ``save``: writing the checkpoint (weights, hash, manifest);
@@ -46,6 +48,8 @@ from qbench import api
 from qbench.methods.base import available_methods
 available_methods()
 t_qb = time.time()
+import transformers.models.llama.modeling_llama  # what from_pretrained imports lazily
+t_mc = time.time()
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 t0 = time.time()
@@ -55,7 +59,7 @@ t1 = time.time()
 st = man["stats"]
 print("QBENCH_PHASES " + json.dumps({
     "t_start": t_start, "import_torch": t_torch - t_start, "import_transformers": t_tf - t_torch,
-    "import_qbench": t_qb - t_tf, "load": st["load_seconds"], "compute": st["quantize_seconds"],
+    "import_qbench": t_qb - t_tf, "import_model_code": t_mc - t_qb, "load": st["load_seconds"], "compute": st["quantize_seconds"],
     "save": (t1 - t0) - st["load_seconds"] - st["quantize_seconds"], "t_end": time.time()}))
 """
 
@@ -104,7 +108,8 @@ def main(argv=None):
             print(f"{name:>22}: total {r['total']:6.1f}s  compute {r['compute']:6.1f}s  "
                   f"overhead {r['overhead']:5.1f}s  (" + ", ".join(
                       f"{k} {r[k]:.1f}" for k in ("startup", "import_torch", "import_transformers",
-                                                  "import_qbench", "load", "save", "exit")) + ")",
+                                                  "import_qbench", "import_model_code", "load", "save",
+                                                  "exit")) + ")",
                   flush=True)
     tot = sum(r["total"] for r in res["jobs"].values())
     comp = sum(r["compute"] for r in res["jobs"].values())
