@@ -6,6 +6,7 @@ import torch
 
 from qbench.calib.stats import (StatsError, collect_act_stats, get_act_stats, load_stats,
                                 load_stats_meta, model_fingerprint, save_stats, stats_meta)
+from qbench.calib.spec import CalibSet
 from qbench.methods.base import QuantContext
 from qbench.modules import target_linears
 
@@ -14,8 +15,7 @@ from helpers import markov_tokens, tiny_llama
 IDS = markov_tokens(3 * 40, seed=1).view(3, 40)
 
 
-class Cfg:
-    calib, nsamples, seqlen, seed = "wiki", 3, 40, 0
+Cfg = CalibSet("wiki", 3, 40, 0)
 
 
 @torch.no_grad()

@@ -186,6 +186,32 @@ def test_weight_and_activation_stats_on_rtn(tiny):
         assert a["sqnr_db"] == pytest.approx(b["sqnr_db"], abs=1e-3)
 
 
+def test_shared_inputs_are_computed_once_and_never_confused(tiny, monkeypatch):
+    """Sharing per-input results (q/k/v, gate/up) gives exactly what computing every layer on its
+    own gives; a freed input whose address another layer's input reuses is not mistaken for it
+    (main before issue 12 keyed by data_ptr and mixed layers up, run to run)."""
+    _, model, _ = tiny
+    q = copy.deepcopy(model)
+    from qbench.methods.base import QuantContext, get_method, parse_recipe
+
+    (st,) = parse_recipe([{"rtn": {"w_bits": 3, "group_size": -1, "a_bits": 8}}])
+    get_method("rtn").apply(q, st.config, QuantContext(progress=False))
+    ids = _ids(2, 48, seed=7)
+    shared = S.activation_stats(model, q, ids)
+    calls = []
+    real_get = S._Memo.get
+
+    def no_sharing(self, tensors, tag, compute):
+        calls.append(tag)
+        return compute()
+
+    monkeypatch.setattr(S._Memo, "get", no_sharing)
+    alone = S.activation_stats(model, q, ids)
+    monkeypatch.setattr(S._Memo, "get", real_get)
+    assert json.dumps(shared, default=str) == json.dumps(alone, default=str)
+    assert len(calls) > 0
+
+
 def test_exact_rescaling_is_not_counted_as_error(tiny):
     """A SmoothQuant-style exact folding (norm / s, weight columns · s): plain SQNRs see the
     rescaling, the rescaled SQNRs do not, and the outputs (distance) are unchanged."""

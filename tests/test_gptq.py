@@ -310,4 +310,6 @@ def test_config_errors():
     c = st.config
     assert (c.w_bits, c.percdamp, c.blocksize, c.true_sequential, c.calib, c.nsamples, c.seqlen) == \
         (4, 0.01, 128, True, "wiki", 128, 2048)
-    assert get_method("gptq").calib_requests(c) == [{"corpus": "wiki", "n": 128, "seqlen": 2048, "seed": 0}]
+    from qbench.calib.spec import CalibSet
+
+    assert get_method("gptq").calib_requests(c) == [CalibSet("wiki", 128, 2048, 0)]

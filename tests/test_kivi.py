@@ -6,6 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qbench.methods.base import ConfigError, QuantContext, get_method, parse_recipe, resolve_recipe
 from qbench.modules import attention as attn
+from qbench.modules.kv_binding import kv_binding
 from qbench.modules.kv_cache import KIVICache, KIVILayer, cache_for_model
 from qbench.quant.kv import (
     dequant_groups, k_to_rows, kivi_fake_quant, quant_groups, rows_to_k, rows_to_v, v_to_rows,
@@ -107,7 +108,8 @@ def test_checkpoint_reattaches(tmp_path):
         ref = model(ids, use_cache=False).logits
     save_checkpoint(model, None, tmp_path / "ckpt", recipe=recipe)
     loaded, _, manifest = load_checkpoint(tmp_path / "ckpt")
-    assert loaded._qbench_kv["method"] == "kivi" and loaded._qbench_kv["config"].k_bits == 4
+    b = kv_binding(loaded)
+    assert b.method == "kivi" and b.config.k_bits == 4
     assert attn.is_installed(loaded)
     with torch.no_grad():
         assert torch.equal(loaded(ids, use_cache=False).logits, ref)

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from qbench.modules.kv_cache import (
-    KIVICache, KIVILayer, KVCodebooks, KVQuantCache, KVQuantLayer, cache_nbytes, expected_nbytes,
+    KIVICache, KIVILayer, KVCodebooks, KVQuantCache, KVQuantLayer, cache_nbytes,
     fp16_nbytes, is_served, kivi_expected_nbytes, kvquant_expected_nbytes,
 )
 from qbench.quant.kv import kivi_quant_lengths, pack_codes, unpack_codes
@@ -103,6 +103,7 @@ def test_kivi2_ratio_at_4096_tokens():
     from qbench.methods.kivi import KIVI
 
     cfg = KIVI.Config(k_bits=2, v_bits=2, group_size=32, residual=128)
+    expected_nbytes = KIVI().expected_nbytes
     # formula, SmolLM2-135M dims (30 layers, 3 KV heads, head_dim 64)
     dims = {"n_layers": 30, "n_kv_heads": 3, "head_dim": 64}
     ratio = expected_nbytes(cfg, 4096, **dims) / fp16_nbytes(4096, **dims)
@@ -162,7 +163,9 @@ def test_kv_memory_eval_matches_formula(tiny):
     try:
         res = kv_memory(tiny, torch.arange(100) % 256, context_lengths=(64, 300))
     finally:
-        del tiny._qbench_kv
+        from qbench.modules.kv_binding import unbind_kv
+
+        unbind_kv(tiny)
         from qbench.modules import attention as attn
         attn.uninstall(tiny)
     for r in res["records"]:

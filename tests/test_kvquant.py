@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qbench.methods.base import ConfigError, QuantContext, get_method, parse_recipe, resolve_recipe
+from qbench.modules.kv_binding import kv_binding
 from qbench.modules.kv_cache import KVCodebooks, KVQuantCache, cache_for_model
 from qbench.quant.kv import (
     apply_rope, fit_kvquant_layer, invert_rope, kvq_dequant_k, kvq_dequant_v, kvq_quant_k, kvq_quant_v,
@@ -166,7 +167,7 @@ def test_apply_calibrates_and_checkpoint_restores_codebooks(tmp_path):
     for n in ("k_levels", "k_lo", "k_hi", "v_levels"):
         a, b = getattr(loaded.qbench_kvquant, n), getattr(cb, n)
         assert a.dtype == torch.float16 and torch.equal(a, b)
-    assert loaded._qbench_kv["method"] == "kvquant"
+    assert kv_binding(loaded).method == "kvquant"
     with torch.no_grad():
         assert torch.equal(loaded(ids, use_cache=False).logits, fq)
         out = loaded.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),

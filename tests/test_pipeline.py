@@ -72,6 +72,37 @@ def test_smoke_pipeline_produces_records_tables_and_report(smoke):
     assert ct["quantization_config"]["format"] == "int-quantized" and ct["verification"]["exact"]
 
 
+def _same(a, b, path="", rel=1e-6):
+    """Differences between two JSON values (floats to ``rel``); empty when equal."""
+    if isinstance(a, float) or isinstance(b, float):
+        ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and (
+            a == b or abs(a - b) <= rel * max(abs(a), abs(b)))
+        return [] if ok else [f"{path}: {a!r} != {b!r}"]
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}.{k}: only in one" for k in set(a) ^ set(b)]
+        return out + [d for k in set(a) & set(b) for d in _same(a[k], b[k], f"{path}.{k}", rel)]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{path}[{i}]", rel)]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+@pytest.mark.slow
+def test_records_and_checkpoints_match_golden(smoke):
+    """Records (numbers, hashes, resolved recipes, calibration) and checkpoints (tensor sha256,
+    module layouts) of the smoke run equal the golden data taken on main before the issue-12
+    refactor (``tests/golden_smoke.py``)."""
+    from golden_smoke import essentials
+
+    golden = json.loads((ROOT / "tests/data/smoke_golden.json").read_text())
+    now = json.loads(json.dumps(essentials(smoke)))
+    assert sorted(now["records"]) == sorted(golden["records"])
+    assert sorted(now["checkpoints"]) == sorted(golden["checkpoints"])
+    diffs = _same(now, golden)
+    assert diffs == [], "\n".join(diffs[:20])
+    assert _same({"x": [1.0, 2.0]}, {"x": [1.0, 2.0000001]}) == []
+    assert _same({"x": [1.0, 2.0]}, {"x": [1.0, 2.1]}) != []
+
+
 @pytest.mark.slow
 def test_rerun_is_noop_and_recipe_change_reruns_only_its_branch(smoke):
     wd = smoke

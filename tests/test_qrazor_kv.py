@@ -6,9 +6,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qbench.methods.base import ConfigError, QuantContext, get_method, parse_recipe, resolve_recipe
 from qbench.modules import attention as attn
+from qbench.modules.kv_binding import cache_for_model, kv_binding
 from qbench.modules.kv_cache import cache_nbytes, fp16_nbytes
 from qbench.modules.qrazor_kv_cache import (
-    QRazorKVCache, QRazorKVLayer, qkv_scale, qrazor_kv_cache_for_model, qrazor_kv_expected_nbytes,
+    QRazorKVCache, QRazorKVLayer, qkv_scale, qrazor_kv_expected_nbytes,
     qrazor_kv_fake_quant,
 )
 from qbench.quant.sdr import base_quantize, sdr_fake_quant, sdr_quantize
@@ -115,18 +116,18 @@ def test_hook_cache_generation_and_checkpoint(tmp_path):
         stats = m.apply(model, st.config, QuantContext(progress=False))
         m.attach(model, st.config)  # idempotent
         assert len(attn.hooks_of(model.model.layers[0].self_attn, "qkv")) == 1
-        assert model._qbench_kv["method"] == "qrazor_kv" and stats["flag_bits"] == 3
+        assert kv_binding(model).method == "qrazor_kv" and stats["flag_bits"] == 3
         fq = model(ids, use_cache=False).logits
         assert (fq - ref).abs().max() > 1e-3
-        cache = qrazor_kv_cache_for_model(model)
+        cache = cache_for_model(model)
         assert isinstance(cache, QRazorKVCache)
         # the packed cache's prefill gives the perplexity path's logits exactly
         assert torch.equal(model(ids, past_key_values=cache, use_cache=True).logits, fq)
         # without prefill_with_quant the prefill attends in full precision
-        c2 = qrazor_kv_cache_for_model(model, prefill_with_quant=False)
+        c2 = cache_for_model(model, prefill_with_quant=False)
         assert torch.equal(model(ids, past_key_values=c2, use_cache=True).logits, ref)
         out = model.generate(ids, max_new_tokens=6, do_sample=False,
-                             past_key_values=qrazor_kv_cache_for_model(model),
+                             past_key_values=cache_for_model(model),
                              attention_mask=torch.ones_like(ids))
         assert out.shape == (1, 76)
         # each greedy step through the cache = the hook path on the whole sequence
@@ -134,7 +135,7 @@ def test_hook_cache_generation_and_checkpoint(tmp_path):
         assert torch.equal(full, out[0, 70:])
     save_checkpoint(model, None, tmp_path / "ckpt", recipe=recipe)
     loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
-    assert loaded._qbench_kv["method"] == "qrazor_kv" and loaded._qbench_kv["config"].k_block == 32
+    assert kv_binding(loaded).method == "qrazor_kv" and kv_binding(loaded).config.k_block == 32
     assert attn.is_installed(loaded)
     with torch.no_grad():
         assert torch.equal(loaded(ids, use_cache=False).logits, fq)

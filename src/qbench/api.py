@@ -1,4 +1,9 @@
-"""The few entry points that both the CLI and the Snakemake scripts call: one road to the library."""
+"""The entry points that both the CLI and the Snakemake scripts call: one road to the library.
+
+Every ``workflow/scripts/*.py`` calls a function of this module (nothing else); the heavy ones
+import their implementation when called, so a job pays only for what it runs. Records and
+checkpoint loading live one layer below, in :mod:`qbench.records` (used by :mod:`qbench.eval` too).
+"""
 
 from __future__ import annotations
 
@@ -8,38 +13,14 @@ from pathlib import Path
 
 import torch
 
+from .calib.spec import CalibSet
+from .checkpoint import DTYPES, save_checkpoint
+from .defaults import PPL_SEQLEN as SEQLEN
 from .fsutil import atomic_json
-from .checkpoint import DTYPES, is_checkpoint, load_checkpoint, save_checkpoint
+from .errors import ConfigError
 from .methods.base import QuantContext, get_method, parse_recipe
-from .provenance import hash_obj, provenance
-
-
-def pick_device(device: str | None = None) -> str:
-    """``auto`` → the GPU this job was given (CUDA_VISIBLE_DEVICES) or the CPU."""
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(int(threads))
-
-
-def load_for_eval(path: str | Path, *, dtype: str = "float32", device: str = "cpu"):
-    """Load a qbench checkpoint or a plain HF model directory: ``(model, tokenizer, manifest)``."""
-    from .modules.backend import model_backend
-
-    path = Path(path)
-    if is_checkpoint(path):
-        model, tok, manifest = load_checkpoint(path, dtype=dtype, device=device)
-    else:
-        from .models.loading import load_model
-
-        model, tok = load_model(path, dtype=dtype, device=device)
-        manifest = {"recipe": [], "modules": {}, "effective_bits": 16.0, "inputs": {}}
-    # which kernels the packed modules run on this device (records state it: ``backend``)
-    return model, tok, {**manifest, "backend": model_backend(model)}
+from .provenance import hash_obj
+from .records import base_record, load_for_eval, pick_device, set_threads, write_record  # noqa: F401
 
 
 def _calibration_provider(calib_dirs: dict[str, str], tokens_cache: dict):
@@ -47,21 +28,20 @@ def _calibration_provider(calib_dirs: dict[str, str], tokens_cache: dict):
 
     def calibration(corpus: str, n: int, seqlen: int, seed: int) -> torch.Tensor:
         if corpus not in calib_dirs:
-            raise ValueError(f"calibration corpus {corpus!r} is not available to this step; "
-                             f"configured corpora: {', '.join(sorted(calib_dirs)) or 'none'}")
-        key = (corpus, n, seqlen, seed)
-        if key not in tokens_cache:
-            tokens_cache[key] = sample_calibration(calib_dirs[corpus], n, seqlen, seed)
-            tokens_cache.setdefault("_hashes", {})[f"{corpus}-{n}x{seqlen}-s{seed}"] = \
-                calibration_hash(calib_dirs[corpus], n, seqlen, seed)
-        return tokens_cache[key]
+            raise ConfigError(f"calib={corpus!r}: this corpus is not available to this step; "
+                              f"allowed values are {', '.join(sorted(calib_dirs)) or 'none'}")
+        spec = CalibSet(corpus, n, seqlen, seed)
+        if spec not in tokens_cache:
+            tokens_cache[spec] = sample_calibration(calib_dirs[corpus], n, seqlen, seed)
+            tokens_cache.setdefault("_hashes", {})[spec.key] = calibration_hash(calib_dirs[corpus], n, seqlen, seed)
+        return tokens_cache[spec]
 
     return calibration
 
 
 def _calib_stats_provider(stats_dirs: dict[str, str], calibration, model_ref: dict):
     def calib_stats(corpus: str, n: int, seqlen: int, seed: int):
-        key = f"{corpus}-{n}x{seqlen}-s{seed}"
+        key = CalibSet(corpus, n, seqlen, seed).key
         if key in stats_dirs:
             from .calib.stats import load_stats
 
@@ -152,38 +132,8 @@ def calib_stats(model_dir: str | Path, corpus_dir: str | Path, out_file: str | P
                                              calibration_hash(corpus_dir, n, seqlen, seed)})
 
 
-def base_record(kind: str, manifest: dict, *, model: str | None, recipe: str | None, device: str,
-                dtype: str, execution: str | None = None, **extra) -> dict:
-    stats = manifest.get("stats", {})
-    return {
-        "kind": kind,
-        "model": model,
-        "recipe": recipe,
-        "recipe_resolved": manifest.get("recipe", []),
-        "recipe_hash": manifest.get("inputs", {}).get("recipe_hash") or hash_obj(manifest.get("recipe", [])),
-        "effective_bits": manifest.get("effective_bits", 16.0),
-        "quantize_seconds": stats.get("quantize_seconds"),
-        "quantize_stages": stats.get("stages", []),
-        "calibration": manifest.get("inputs", {}).get("calibration", {}),
-        "execution": execution or _execution(manifest),
-        "backend": manifest.get("backend"),
-        "eval_dtype": dtype,
-        "provenance": provenance(device),
-        **extra,
-    }
-
-
-def _execution(manifest: dict) -> str:
-    if not manifest.get("modules"):
-        return "fp (no quantized modules)"
-    backend = manifest.get("backend") or "reference"
-    if backend == "reference":
-        return "packed checkpoint: dequantize + dense matmul (reference path)"
-    return f"packed checkpoint: Triton kernels ({backend})"
-
-
 def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, str] | None = None, *,
-                 seqlen: int = 2048, max_windows: int | None = None, dtype: str = "float32",
+                 seqlen: int = SEQLEN, max_windows: int | None = None, dtype: str = "float32",
                  device: str | None = None, batch_size: int = 1, progress: bool = True,
                  model_name: str | None = None, recipe_name: str | None = None) -> dict[str, dict]:
     """Perplexity of a checkpoint/model on each corpus dir (its ``test.npy``); one record each."""
@@ -211,7 +161,7 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
     return records
 
 
-def evaluate_ppl_text(path: str | Path, text_file: str | Path, *, seqlen: int = 2048,
+def evaluate_ppl_text(path: str | Path, text_file: str | Path, *, seqlen: int = SEQLEN,
                       max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
                       progress: bool = True) -> dict:
     """Perplexity of a checkpoint/model on a raw text file (tokenized with the model's tokenizer)."""
@@ -258,9 +208,73 @@ def evaluate_kv(path: str | Path, corpus_dir: str | Path, *, needle_json: str | 
     return out
 
 
-def write_record(path: str | Path, record: dict) -> None:
-    atomic_json(path, record)
+def stats_dirs_for(recipe: list | None, stats_root: str | Path) -> dict[str, str]:
+    """Directories of the shared activation statistics a recipe's first stage reads (the
+    ``calib_stats`` rule's outputs under ``stats_root``), keyed by calibration key."""
+    stages = parse_recipe(recipe)
+    if not stages or not get_method(stages[0].method).uses_act_stats:
+        return {}
+    spec = stages[0].config.calib_set()
+    return {spec.key: str(Path(stats_root) / spec.key)}
 
 
-__all__ = ["quantize", "evaluate_ppl", "evaluate_ppl_text", "load_for_eval", "check_recipe",
-           "pick_device", "quantize_home", "set_threads", "write_record", "DTYPES"]
+def calib_stats_for(model_dir: str | Path, corpus_dir: str | Path, out_file: str | Path, spec: CalibSet,
+                    **kw) -> dict:
+    """:func:`calib_stats` of one :class:`CalibSet` (the ``calib_stats`` rule)."""
+    return calib_stats(model_dir, corpus_dir, out_file, n=spec.n, seqlen=spec.seqlen, seed=spec.seed, **kw)
+
+
+# ----------------------------------------------------------------------------- the other jobs
+def evaluate_chat(*args, **kwargs) -> dict:
+    """Chat answers of one checkpoint (:func:`qbench.eval.chat.evaluate_chat`)."""
+    from .eval.chat import evaluate_chat as run
+
+    return run(*args, **kwargs)
+
+
+def evaluate_tasks(*args, **kwargs) -> dict:
+    """lm-eval tasks on one checkpoint (:func:`qbench.eval.tasks.evaluate_tasks`)."""
+    from .eval.tasks import evaluate_tasks as run
+
+    return run(*args, **kwargs)
+
+
+def evaluate_stats(*args, **kwargs) -> dict:
+    """Weight/activation statistics of one checkpoint (:func:`qbench.eval.stats.evaluate_stats`)."""
+    from .eval.stats import evaluate_stats as run
+
+    return run(*args, **kwargs)
+
+
+def prepare_model(*args, **kwargs):
+    """Materialize a configured model (:func:`qbench.models.loading.prepare_model`)."""
+    from .models.loading import prepare_model as run
+
+    return run(*args, **kwargs)
+
+
+def build_corpus(*args, **kwargs):
+    """Calibration/evaluation splits of one corpus (:func:`qbench.data.corpora.build_corpus`)."""
+    from .data.corpora import build_corpus as run
+
+    return run(*args, **kwargs)
+
+
+def build_report(*args, **kwargs):
+    """One model's report (:func:`qbench.report.tables.build_report`)."""
+    from .report.tables import build_report as run
+
+    return run(*args, **kwargs)
+
+
+def build_index(*args, **kwargs):
+    """``reports/README.md`` over every model (:func:`qbench.report.tables.build_index`)."""
+    from .report.tables import build_index as run
+
+    return run(*args, **kwargs)
+
+
+__all__ = ["quantize", "calib_stats", "calib_stats_for", "stats_dirs_for", "evaluate_ppl", "evaluate_ppl_text",
+           "evaluate_kv", "evaluate_chat", "evaluate_tasks", "evaluate_stats", "prepare_model", "build_corpus",
+           "build_report", "build_index", "load_for_eval", "base_record", "check_recipe", "pick_device", "quantize_home",
+           "set_threads", "write_record", "DTYPES"]

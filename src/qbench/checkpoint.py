@@ -22,14 +22,16 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .defaults import DTYPE_NAMES
 from .fsutil import atomic_dir
+from .methods.base import get_method, parse_recipe, stage_descriptors
 from .modules import MODULE_TYPES, effective_bits, quantized_layout, set_module
 from .provenance import provenance, sha256_file
 
 MANIFEST = "qbench.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 class CheckpointError(RuntimeError):
@@ -56,6 +58,8 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe:
             "format": "qbench-checkpoint",
             "format_version": FORMAT_VERSION,
             "recipe": recipe,
+            # what each stage produces (qbench.descriptor): the report reads this, not method names
+            "descriptor": {"stages": stage_descriptors(recipe, "recipe")},
             "modules": quantized_layout(model),
             "effective_bits": effective_bits(model),
             "dtype": str(dtype).removeprefix("torch."),
@@ -101,11 +105,8 @@ def load_checkpoint(path: str | Path, *, dtype: str = "float32", device: str = "
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    from .methods.base import available_methods, get_method, parse_recipe
-
     path = Path(path)
     manifest = read_manifest(path)
-    available_methods()  # import every method module so their module types are registered
     config = AutoConfig.from_pretrained(path)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[manifest.get("dtype", "float32")])

@@ -17,6 +17,9 @@ import json
 import sys
 from pathlib import Path
 
+from .defaults import DTYPE_NAMES as DTYPES
+from .defaults import PPL_SEQLEN as SEQLEN
+
 
 def _yaml_or_json(s: str):
     import yaml
@@ -142,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--calib", action="append", default=[], metavar="NAME=CORPUS_DIR")
     s.add_argument("--name", default=None, help="recipe name (for records)")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--dtype", default="float32", choices=list(DTYPES))
     s.add_argument("--device", default="auto")
     s.set_defaults(fn=cmd_quantize)
 
@@ -150,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = e.add_parser("ppl", help="token-level perplexity (GPTQ protocol) on a text file")
     s.add_argument("--model", required=True, help="HF model directory or qbench checkpoint")
     s.add_argument("--text", required=True)
-    s.add_argument("--seqlen", type=int, default=2048)
+    s.add_argument("--seqlen", type=int, default=SEQLEN)
     s.add_argument("--max-windows", type=int, default=None)
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--dtype", default="float32", choices=list(DTYPES))
     s.add_argument("--device", default="auto")
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--json", default=None, help="write the record here")

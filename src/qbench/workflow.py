@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from .methods.base import ConfigError, get_method, parse_recipe
+from .errors import ConfigError
+from .methods.base import get_method, parse_recipe
 
 MODEL_SOURCES = ("gguf-package", "local", "hf")
 CORPUS_SOURCES = ("wiki", "news", "local", "hf")
@@ -44,17 +45,16 @@ def resolve_config(config: dict) -> dict:
         needs = []
         for i, st in enumerate(stages):
             for req in get_method(st.method).calib_requests(st.config):
-                if req["corpus"] not in corpora:
-                    raise ConfigError(f"{key}[{i}].{st.method}.calib={req['corpus']!r}: unknown corpus; "
+                if req.corpus not in corpora:
+                    raise ConfigError(f"{key}[{i}].{st.method}.calib={req.corpus!r}: unknown corpus; "
                                       f"configured corpora: {', '.join(corpora) or 'none'}")
-                if req["corpus"] not in needs:
-                    needs.append(req["corpus"])
+                if req.corpus not in needs:
+                    needs.append(req.corpus)
         calib[name] = needs
         # Shared activation statistics only describe the unmodified model, so only a first stage
         # can use the precomputed ones (later stages re-collect on the model as it is then).
         if stages and get_method(stages[0].method).uses_act_stats:
-            c = stages[0].config
-            stats[name] = [f"{c.calib}-{c.nsamples}x{c.seqlen}-s{c.seed}"]
+            stats[name] = [stages[0].config.calib_set().key]
         else:
             stats[name] = []
     select = config.get("select") or {}

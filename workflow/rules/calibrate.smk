@@ -8,14 +8,14 @@ rule calib_stats:
         card="resources/models/{model}/qbench_model_card.json",
         corpus="resources/data/{model}/{corpus}/corpus.json",
     output:
-        stats="results/{model}/calib/{corpus}-{n}x{seqlen}-s{seed}/stats.safetensors",
-        meta="results/{model}/calib/{corpus}-{n}x{seqlen}-s{seed}/stats.json",
+        stats=f"results/{{model}}/calib/{CALIB_KEY}/stats.safetensors",
+        meta=f"results/{{model}}/calib/{CALIB_KEY}/stats.json",
     params:
         dtype=RUNTIME.get("quantize_dtype", "float32"),
     log:
-        "logs/{model}/calib/{corpus}-{n}x{seqlen}-s{seed}.log",
+        f"logs/{{model}}/calib/{CALIB_KEY}.log",
     benchmark:
-        "benchmarks/out/{model}/calib/{corpus}-{n}x{seqlen}-s{seed}.tsv"
+        f"benchmarks/out/{{model}}/calib/{CALIB_KEY}.tsv"
     threads: threads_for("quantize")
     resources:
         **job_resources("quantize", gpu=True),

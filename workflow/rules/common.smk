@@ -4,6 +4,7 @@
 import json
 from pathlib import Path
 
+from qbench.calib.spec import KEY_PATTERN as CALIB_KEY  # {corpus}-{n}x{seqlen}-s{seed}
 from qbench.gpu import resolve_gpus
 from qbench.workflow import resolve_config
 

@@ -7,6 +7,7 @@ with job(snakemake, gpu=True):  # noqa: F821 - injected by Snakemake
     from qbench import api
 
     smk = snakemake  # noqa: F821
-    w = smk.wildcards
-    api.calib_stats(Path(smk.input.card).parent, Path(smk.input.corpus).parent, smk.output.stats,
-                    n=int(w.n), seqlen=int(w.seqlen), seed=int(w.seed), dtype=smk.params.dtype)
+    from qbench.calib.spec import CalibSet
+
+    api.calib_stats_for(Path(smk.input.card).parent, Path(smk.input.corpus).parent, smk.output.stats,
+                        CalibSet.from_wildcards(smk.wildcards), dtype=smk.params.dtype)

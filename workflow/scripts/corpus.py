@@ -5,9 +5,9 @@ from pathlib import Path
 from qbench.workflow import job
 
 with job(snakemake):  # noqa: F821 - injected by Snakemake
-    from qbench.data.corpora import build_corpus
+    from qbench import api
 
     smk = snakemake  # noqa: F821
-    build_corpus(smk.wildcards.corpus, json.loads(smk.params.source), Path(smk.output.meta).parent,
+    api.build_corpus(smk.wildcards.corpus, json.loads(smk.params.source), Path(smk.output.meta).parent,
                  tokenizer_dir=Path(smk.input.card).parent, eval_fraction=smk.params.eval_fraction,
                  seed=smk.params.seed)

@@ -4,10 +4,10 @@ from pathlib import Path
 from qbench.workflow import job
 
 with job(snakemake, gpu=True):  # noqa: F821 - injected by Snakemake
-    from qbench.eval.chat import evaluate_chat
+    from qbench import api
 
     smk = snakemake  # noqa: F821
     p = smk.params
-    evaluate_chat(Path(smk.input.manifest).parent, smk.output.record, prompts=p.prompts,
+    api.evaluate_chat(Path(smk.input.manifest).parent, smk.output.record, prompts=p.prompts,
                   max_new_tokens=p.max_new_tokens, system=p.system, dtype=p.dtype,
                   model_name=smk.wildcards.model, recipe_name=smk.wildcards.recipe)

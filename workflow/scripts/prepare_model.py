@@ -5,7 +5,7 @@ from pathlib import Path
 from qbench.workflow import job
 
 with job(snakemake):  # noqa: F821 - injected by Snakemake
-    from qbench.models.loading import prepare_model
+    from qbench import api
 
     out_dir = Path(snakemake.output.card).parent  # noqa: F821
-    prepare_model(json.loads(snakemake.params.source), out_dir)  # noqa: F821
+    api.prepare_model(json.loads(snakemake.params.source), out_dir)  # noqa: F821

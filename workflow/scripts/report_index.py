@@ -2,7 +2,7 @@
 from qbench.workflow import job
 
 with job(snakemake):  # noqa: F821 - injected by Snakemake
-    from qbench.report.tables import build_index
+    from qbench import api
 
     smk = snakemake  # noqa: F821
-    build_index(dict(zip(smk.params.models, smk.input.readmes)), smk.output[0])
+    api.build_index(dict(zip(smk.params.models, smk.input.readmes)), smk.output[0])

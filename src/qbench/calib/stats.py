@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
+from .spec import CalibSet
 from ..modules import target_linears
 
 __all__ = [
@@ -279,10 +281,10 @@ def load_stats(path: str | Path, verify: bool = True) -> ActStats:
 
 # ----------------------------------------------------------------------------- for methods
 def get_act_stats(model: nn.Module, ctx, cfg, *, log=None) -> ActStats:
-    """Activation statistics for ``model`` *as it is now*, on the calibration set named by ``cfg``
-    (``calib``, ``nsamples``, ``seqlen``, ``seed``).
+    """Activation statistics for ``model`` *as it is now*, on the calibration set ``cfg`` (a
+    :class:`CalibSet`, or a method config with ``calib_set()``).
 
-    Uses the shared statistics ``ctx.calib_stats(corpus, n, seqlen, seed)`` (a dict as returned by
+    Uses the shared statistics ``ctx.calib_stats(*cfg.calib_set())`` (a dict as returned by
     :func:`load_stats`, or a path to a statistics file) when they were taken on this very model —
     their ``.meta["model_fingerprint"]`` matches :func:`model_fingerprint` — and cover every
     layer. Otherwise (no provider; the model was changed by an earlier recipe stage, e.g.
@@ -290,10 +292,11 @@ def get_act_stats(model: nn.Module, ctx, cfg, *, log=None) -> ActStats:
     ``ctx.calibration(...)`` on the current model. Statistics without a fingerprint are trusted.
     """
     log = log or getattr(ctx, "log", None) or (lambda s: None)
+    spec = cfg if isinstance(cfg, CalibSet) else cfg.calib_set()
     want = set(target_linears(model, include_quantized=True))
     provider = getattr(ctx, "calib_stats", None)
     if provider is not None:
-        got = provider(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        got = provider(spec.corpus, spec.n, spec.seqlen, spec.seed)
         if isinstance(got, (str, Path)):
             got = load_stats(got)
         meta = dict(getattr(got, "meta", None) or {})
@@ -306,10 +309,10 @@ def get_act_stats(model: nn.Module, ctx, cfg, *, log=None) -> ActStats:
         else:
             return got if isinstance(got, ActStats) else ActStats(got, meta=meta)
     if getattr(ctx, "calibration", None) is None:
-        raise ValueError("activation statistics need calibration data: the context has neither "
-                         "calib_stats nor calibration")
-    ids = ctx.calibration(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        raise ConfigError("activation statistics need calibration data: the context has neither "
+                          "calib_stats nor calibration")
+    ids = ctx.calib_tokens(spec, "activation statistics")
     stats = collect_act_stats(model, ids, device=getattr(ctx, "device", "cpu"),
                               progress=getattr(ctx, "progress", True))
-    stats.meta.update(seed=int(cfg.seed), corpus=cfg.calib)
+    stats.meta.update(seed=int(spec.seed), corpus=spec.corpus)
     return stats

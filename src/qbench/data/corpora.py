@@ -50,6 +50,7 @@ from typing import Iterator
 import numpy as np
 
 from ..fsutil import atomic_dir
+from ..errors import ConfigError
 
 SOURCE_KINDS = ("wiki", "news", "local", "hf")
 SPLITS = ("calib", "test")
@@ -378,7 +379,7 @@ def resolve_hf_source(source: dict, name: str = "hf") -> dict:
                "test_joiner": JOINER, "calib_max_docs": None, "test_max_docs": None,
                "eval_max_windows": None}
     else:
-        raise ValueError(f"corpora.{name}.source.dataset={ds!r} is not a preset; allowed values: "
+        raise ConfigError(f"corpora.{name}.source.dataset={ds!r} is not a preset; allowed values: "
                          f"{', '.join(HF_PRESETS)} (or give corpora.{name}.source.path)")
     for key in ("path", "name", "data_files", "split", "text_key", "test_joiner",
                 "calib_max_docs", "test_max_docs"):
@@ -431,7 +432,7 @@ def split_documents(docs: list[str], eval_fraction: float = 0.5, seed: int = 0
                     ) -> tuple[list[str], list[str]]:
     """(calib, test) by the hash rule in the module docstring; input must be duplicate-free."""
     if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction={eval_fraction} must be in (0, 1)")
+        raise ConfigError(f"eval_fraction={eval_fraction} must be in (0, 1)")
     if len(docs) < 2:
         raise ValueError(f"need at least 2 documents to split into calib and test, got {len(docs)}")
     order = sorted(range(len(docs)),
@@ -503,14 +504,14 @@ def _tokenize(tokenizer, text: str, desc: str, progress: bool) -> np.ndarray:
 def validate_corpus_source(name: str, source: dict) -> str:
     """Check ``corpora.<name>.source`` (kind, required and unknown keys) cheaply; return the kind."""
     if not isinstance(source, dict):
-        raise ValueError(f"corpora.{name}.source must be a mapping with a 'kind' key, got {source!r}")
+        raise ConfigError(f"corpora.{name}.source must be a mapping with a 'kind' key, got {source!r}")
     kind = source.get("kind")
     if kind not in SOURCE_KINDS:
         raise ValueError(f"corpora.{name}.source.kind={kind!r} is not supported; "
                          f"allowed values: {', '.join(SOURCE_KINDS)}")
     unknown = sorted(set(source) - _SOURCE_KEYS[kind])
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(f'corpora.{name}.source.{k}' for k in unknown)} "
+        raise ConfigError(f"unknown key(s) {', '.join(f'corpora.{name}.source.{k}' for k in unknown)} "
                          f"for kind {kind!r}; allowed keys: {', '.join(sorted(_SOURCE_KEYS[kind]))}")
     if kind == "local" and not source.get("path"):
         raise ValueError(f"corpora.{name}.source.path is required for kind 'local'")
@@ -611,7 +612,7 @@ def load_tokens(corpus_dir: str | Path, split: str):
     import torch
 
     if split not in SPLITS:
-        raise ValueError(f"split={split!r}; allowed values: {', '.join(SPLITS)}")
+        raise ConfigError(f"split={split!r}; allowed values: {', '.join(SPLITS)}")
     p = Path(corpus_dir) / f"{split}.npy"
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist (build the corpus first)")
@@ -626,7 +627,7 @@ def sample_calibration(corpus_dir: str | Path, n: int, seqlen: int, seed: int):
     import torch
 
     if n < 1 or seqlen < 1:
-        raise ValueError(f"n={n} and seqlen={seqlen} must be positive")
+        raise ConfigError(f"n={n} and seqlen={seqlen} must be positive")
     tokens = load_tokens(corpus_dir, "calib")
     if tokens.numel() < seqlen + 1:
         raise ValueError(f"calibration split of {corpus_dir} has {tokens.numel()} tokens, fewer than "

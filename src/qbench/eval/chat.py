@@ -10,7 +10,7 @@ Protocol (deterministic: same model + prompts → identical answers):
 * greedy decoding (``do_sample=False``, one beam, no repetition penalty, the model's own
   generation-config sampling knobs ignored), at most ``max_new_tokens`` new tokens, stopping at the
   tokenizer's / model's EOS; batch size 1 (no padding effects);
-* through the recipe's KV cache (:func:`qbench.modules.kv_cache.cache_for_model`: KIVI / KVQuant
+* through the recipe's KV cache (:func:`qbench.modules.kv_binding.cache_for_model`: KIVI / KVQuant
   caches for KV recipes, a plain ``DynamicCache`` otherwise), so KV quantization shows in the text;
 * the answer is the decoded new tokens without special tokens, stripped.
 
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from ..errors import ConfigError
 
 __all__ = ["SEED_PROMPTS", "PLAIN_TEMPLATE", "build_chat_prompt", "chat", "evaluate_chat"]
 
@@ -69,11 +71,11 @@ def chat(model, tokenizer, prompts: Sequence[str] | None = None, *, max_new_toke
     """Greedy answers to ``prompts`` (default :data:`SEED_PROMPTS`). Returns one dict per prompt:
     ``prompt``, ``answer``, ``n_tokens`` (generated tokens, EOS included if produced),
     ``prompt_tokens``, ``stopped`` ("eos" or "max_new_tokens"), ``template``, ``seconds``.
-    ``kv_cache``: use the recipe's KV cache (:func:`~qbench.modules.kv_cache.cache_for_model`)."""
+    ``kv_cache``: use the recipe's KV cache (:func:`~qbench.modules.kv_binding.cache_for_model`)."""
     from transformers import GenerationConfig
 
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
     prompts = list(SEED_PROMPTS if prompts is None else prompts)
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
@@ -89,7 +91,7 @@ def chat(model, tokenizer, prompts: Sequence[str] | None = None, *, max_new_toke
             inp = torch.tensor([ids], dtype=torch.long, device=device)
             kw = {"attention_mask": torch.ones_like(inp), "generation_config": gcfg}
             if kv_cache:
-                from ..modules.kv_cache import cache_for_model
+                from ..modules.kv_binding import cache_for_model
 
                 kw["past_key_values"] = cache_for_model(model)
             t0 = time.perf_counter()
@@ -112,7 +114,7 @@ def evaluate_chat(path: str | Path, out_json: str | Path | None = None,
     """Chat answers of one checkpoint/model directory: one ``kind: "chat"`` record with
     ``answers`` (the :func:`chat` dicts), ``metrics`` (mean generated tokens, tokens/s) and the
     ``eval`` settings (prompts, max_new_tokens, system, decoding)."""
-    from ..api import base_record, load_for_eval, pick_device, write_record
+    from ..records import base_record, load_for_eval, pick_device, write_record
 
     device = pick_device(device)
     model, tok, manifest = load_for_eval(path, dtype=dtype, device=device)
@@ -122,7 +124,9 @@ def evaluate_chat(path: str | Path, out_json: str | Path | None = None,
     answers = chat(model, tok, prompts, max_new_tokens=max_new_tokens, system=system)
     n_tok = sum(a["n_tokens"] for a in answers)
     secs = sum(a["seconds"] for a in answers)
-    kv = getattr(model, "_qbench_kv", None)
+    from ..modules.kv_binding import kv_binding
+
+    kv = kv_binding(model)
     rec = base_record(
         "chat", manifest, model=model_name, recipe=recipe_name, device=device, dtype=dtype,
         answers=answers,
@@ -131,7 +135,7 @@ def evaluate_chat(path: str | Path, out_json: str | Path | None = None,
         eval={"prompts": prompts, "max_new_tokens": max_new_tokens, "system": system,
               "decoding": "greedy (do_sample=False, num_beams=1), batch 1, stop at EOS",
               "template": answers[0]["template"] if answers else None,
-              "kv_cache": kv["method"] if kv else "DynamicCache (fp)"})
+              "kv_cache": kv.method if kv else "DynamicCache (fp)"})
     if out_json is not None:
         write_record(out_json, rec)
     return rec

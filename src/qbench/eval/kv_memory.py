@@ -20,17 +20,10 @@ from typing import Sequence
 
 import torch
 
-from ..modules.kv_cache import cache_for_model, cache_nbytes, expected_nbytes, fp16_nbytes
+from ..modules.kv_binding import cache_for_model, kv_binding, kv_dims_of_config
+from ..modules.kv_cache import cache_nbytes, fp16_nbytes
 
 __all__ = ["kv_memory"]
-
-
-def _dims(model) -> tuple[int, int, int]:
-    tc = model.config.get_text_config(decoder=True)
-    heads = tc.num_attention_heads
-    kv = getattr(tc, "num_key_value_heads", None) or heads
-    hd = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-    return tc.num_hidden_layers, kv, hd
 
 
 @torch.inference_mode()
@@ -44,10 +37,10 @@ def kv_memory(model, tokens: torch.Tensor, context_lengths: Sequence[int] = (512
     tokens = torch.as_tensor(tokens).flatten().long()
     if tokens.numel() == 0:
         raise ValueError("kv_memory: no tokens")
-    n_layers, h, d = _dims(model)
+    n_layers, h, d = kv_dims_of_config(model.config)
     dtype_bytes = next(p for p in model.parameters() if p.is_floating_point()).element_size()
-    kv = getattr(model, "_qbench_kv", None) or {}
-    cfg = kv.get("config")
+    binding = kv_binding(model)
+    dims = {"n_layers": n_layers, "n_kv_heads": h, "head_dim": d}
     records = []
     for n in tqdm(context_lengths, desc="kv memory", disable=not progress, leave=False):
         n = int(n)
@@ -63,21 +56,14 @@ def kv_memory(model, tokens: torch.Tensor, context_lengths: Sequence[int] = (512
         rec = {"context_length": n, "measured_bytes": measured, "fp16_bytes": fp16,
                "dense_bytes": dense, "ratio_vs_fp16": measured / fp16, "ratio_vs_dense": measured / dense,
                "prefill_seconds": secs, "fp_bytes": dtype_bytes}
-        if cfg is not None:
-            k_out = None
-            if kv["method"] == "kvquant":
-                k_out = sum(int(layer.k_val.numel()) for layer in cache.layers
-                            if getattr(layer, "k_val", None) is not None)
-                rec["k_outliers"] = k_out
-                rec["k_outlier_rate"] = k_out / max(1, n_layers * max(n - cfg.first_fp16, 0) * h * d)
-            rec["expected_bytes"] = expected_nbytes(cfg, n, model_config=model.config,
-                                                    fp_bytes=dtype_bytes, k_outliers=k_out)
+        if binding is not None:
+            rec.update(binding.cache_stats(cache, n, **dims))
+            rec["expected_bytes"] = binding.expected_nbytes(n, fp_bytes=dtype_bytes, cache=cache, **dims)
             # the same layout with 16-bit full-precision parts (an fp16/bf16 deployment)
-            rec["expected_bytes_fp16"] = expected_nbytes(cfg, n, model_config=model.config, fp_bytes=2,
-                                                         k_outliers=k_out)
+            rec["expected_bytes_fp16"] = binding.expected_nbytes(n, fp_bytes=2, cache=cache, **dims)
             rec["expected_ratio_vs_fp16"] = rec["expected_bytes_fp16"] / fp16
         records.append(rec)
         del cache
-    return {"kv_method": kv.get("method", "fp16"),
-            "config": cfg.to_dict() if cfg is not None else {},
+    return {"kv_method": binding.method if binding else "fp16",
+            "config": binding.config.to_dict() if binding else {},
             "n_layers": n_layers, "n_kv_heads": h, "head_dim": d, "records": records}

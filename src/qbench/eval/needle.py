@@ -11,7 +11,7 @@ Protocol (the seed's retrieval check, generalized to a grid):
   question — wrapped in the tokenizer's chat template when it has one — and the answer prefix
   "The special magic number is", so the model continues with the value (the seed reports the
   continuation, e.g. ``"47x291."`` vs ``"47x. The"``);
-* greedy generation through the model's KV cache (:func:`qbench.modules.kv_cache.cache_for_model`:
+* greedy generation through the model's KV cache (:func:`qbench.modules.kv_binding.cache_for_model`:
   the recipe's quantized cache, or ``DynamicCache`` for fp16), ``prefill_with_quant=True`` by
   default as in the seed's retrieval runs (the long prompt itself attends to quantized K/V);
 * score: exact match of the needle value as a whole word in the answer (:func:`needle_found`);
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from ..modules.kv_binding import cache_for_model, kv_binding
 
 __all__ = [
     "NEEDLES", "NEEDLE_TEMPLATE", "QUESTION", "ANSWER_PREFIX", "DEFAULT_HAYSTACK",
@@ -149,12 +151,10 @@ def run_needle(model, tokenizer, haystack=None, *, context_lengths: Sequence[int
                prefill_with_quant: bool | None = True, chat: bool | None = None, cache_factory=None,
                progress: bool = False) -> dict:
     """Run the grid (see the module docstring). ``cache_factory(model) -> Cache`` overrides the
-    cache (default: :func:`~qbench.modules.kv_cache.cache_for_model` with ``prefill_with_quant``;
+    cache (default: :func:`~qbench.modules.kv_binding.cache_for_model` with ``prefill_with_quant``;
     None keeps the recipe's setting). Returns a JSON-serialisable dict with ``grid``
     (``[len(context_lengths)][len(depths)]`` accuracies), overall ``accuracy`` and the ``records``."""
     from tqdm.auto import tqdm
-
-    from ..modules.kv_cache import cache_for_model
 
     for d in depths:
         if not 0.0 <= float(d) <= 1.0:
@@ -193,7 +193,7 @@ def run_needle(model, tokenizer, haystack=None, *, context_lengths: Sequence[int
             row.append(hits / len(needles) if needles else 0.0)
         grid.append(row)
     bar.close()
-    kv = getattr(model, "_qbench_kv", None) or {}
+    binding = kv_binding(model)
     n = len(records)
     return {
         "context_lengths": [int(x) for x in context_lengths], "depths": [float(d) for d in depths],
@@ -201,7 +201,7 @@ def run_needle(model, tokenizer, haystack=None, *, context_lengths: Sequence[int
         "answer_prefix": answer_prefix, "chat_template": bool(chat),
         "grid": grid, "accuracy": (sum(r["correct"] for r in records) / n) if n else 0.0,
         "n_correct": sum(r["correct"] for r in records), "n_total": n,
-        "kv_method": kv.get("method", "fp16"), "kv_cache": cache_class,
+        "kv_method": binding.method if binding else "fp16", "kv_cache": cache_class,
         "prefill_with_quant": prefill_with_quant,
         "max_new_tokens": max_new_tokens, "records": records,
         "seconds": time.perf_counter() - t0,

@@ -15,6 +15,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..defaults import PPL_SEQLEN
+
 PROTOCOL = "token-level, non-overlapping windows (GPTQ protocol)"
 
 
@@ -27,8 +29,11 @@ def windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -
     return tokens[: n * seqlen].view(n, seqlen)
 
 
+SEQLEN = PPL_SEQLEN
+
+
 @torch.inference_mode()
-def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
+def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, max_windows: int | None = None,
                batch_size: int = 1, progress: bool = True, desc: str = "ppl") -> dict:
     """Perplexity of ``model`` on a 1-D token tensor (see module docstring for the protocol)."""
     device = next(model.parameters()).device

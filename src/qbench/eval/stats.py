@@ -44,14 +44,17 @@ from __future__ import annotations
 import csv
 import math
 import time
+import weakref
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = [
-    "OUTLIER_K", "INT8_THRESHOLD", "RESCALING_METHODS", "Moments", "sqnr_db", "mse", "kurtosis",
+    "OUTLIER_K", "INT8_THRESHOLD", "Moments", "sqnr_db", "mse", "kurtosis",
     "tensor_stats", "outlier_channels", "channel_absmax", "rescaled_weight_sqnr_db",
     "layer_weight", "weight_stats", "activation_stats", "layerwise_distance", "write_csv",
     "plot_stats", "evaluate_stats",
@@ -59,7 +62,6 @@ __all__ = [
 
 OUTLIER_K = 20.0
 INT8_THRESHOLD = 6.0
-RESCALING_METHODS = ("smoothquant", "awq")
 DEFINITIONS = {
     "sqnr_db": "10*log10(sum(ref^2)/sum((ref-test)^2)) over all elements; null when identical",
     "kurtosis": "Fisher (excess) kurtosis, population moments (normal = 0)",
@@ -329,8 +331,25 @@ def _as_batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [input_ids[i:i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
 
 
-def _tensor_key(x: torch.Tensor) -> tuple:
-    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+class _Memo:
+    """Results computed once per input tensor within one forward (q/k/v and gate/up share their
+    input). Keyed by the tensor *objects* (weak references): a data pointer alone is not an
+    identity — once a layer's input is freed, the next layer's input may reuse its address."""
+
+    def __init__(self):
+        self._d: dict = {}
+
+    def get(self, tensors: tuple, tag, compute):
+        key = (tuple(id(t) for t in tensors), tag)
+        hit = self._d.get(key)
+        if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)):
+            return hit[1]
+        value = compute()
+        self._d[key] = (tuple(weakref.ref(t) for t in tensors), value)
+        return value
+
+    def clear(self) -> None:
+        self._d.clear()
 
 
 def _act_config(mod: nn.Module):
@@ -353,34 +372,32 @@ def activation_stats(fp_model: nn.Module, q_model: nn.Module, input_ids: torch.T
     acc_fp = {n: _ActAcc() for n in names}
     acc_q = {n: _ActAcc() for n in names}
     a_bits = {n: int(getattr(q_layers[n], "a_bits", 16)) for n in names}
-    ref: dict[str, torch.Tensor] = {}
-    memo: dict = {}  # per forward: tensor key → computed contribution
+    ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name → (fp input, its 2-D view)
+    memo = _Memo()  # per forward: input tensor(s) → computed contribution
     f64 = torch.float64
 
-    def observe(x2: torch.Tensor):
-        key = ("obs", _tensor_key(x2))
-        if key not in memo:
-            memo[key] = (Moments.of(x2), x2.abs().amax(dim=0).float().cpu())
-        return memo[key]
+    def observe(x: torch.Tensor, x2: torch.Tensor):
+        return memo.get((x,), "obs", lambda: (Moments.of(x2), x2.abs().amax(dim=0).float().cpu()))
 
     def fp_hook(name):
         def hook(mod, args, kwargs=None):
-            x = (args[0] if args else kwargs["input"]).detach()
-            x2 = x.reshape(-1, x.shape[-1])
-            ref[name] = x2
-            acc_fp[name].add(*observe(x2))
+            x = args[0] if args else kwargs["input"]
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            ref[name] = (x, x2)
+            acc_fp[name].add(*observe(x, x2))
         return hook
 
     def q_hook(name):
         def hook(mod, args, kwargs=None):
-            x = (args[0] if args else kwargs["input"]).detach()
+            x_in = args[0] if args else kwargs["input"]
+            x = x_in.detach()
             x2 = x.reshape(-1, x.shape[-1])
             a = acc_q[name]
-            a.add(*observe(x2))
-            r = ref.pop(name)
+            a.add(*observe(x_in, x2))
+            r_in, r = ref.pop(name)
             quantizes = hasattr(mod, "quant_input") and a_bits[name] < 16
-            key = ("err", _tensor_key(x2), _tensor_key(r), _act_config(mod) if quantizes else None)
-            if key not in memo:
+
+            def err():
                 xf = x2.float()
                 eff, aq = xf, None
                 if quantizes:
@@ -388,9 +405,10 @@ def activation_stats(fp_model: nn.Module, q_model: nn.Module, input_ids: torch.T
                     aq = (_f(xf.pow(2).sum(dtype=f64)), _f((eff - xf).pow(2).sum(dtype=f64)))
                 rf = r.to(eff.device).float()
                 d = eff - rf
-                memo[key] = ((rf * rf).sum(0, dtype=f64).cpu(), (d * d).sum(0, dtype=f64).cpu(),
-                             (d * rf).sum(0, dtype=f64).cpu(), aq)
-            srr, sdd, sdr, aq = memo[key]
+                return ((rf * rf).sum(0, dtype=f64).cpu(), (d * d).sum(0, dtype=f64).cpu(),
+                        (d * rf).sum(0, dtype=f64).cpu(), aq)
+
+            srr, sdd, sdr, aq = memo.get((x_in, r_in), ("err", _act_config(mod) if quantizes else None), err)
             a.add_err(srr, sdd, sdr)
             if aq is not None:
                 a.aq_sig += aq[0]
@@ -409,6 +427,7 @@ def activation_stats(fp_model: nn.Module, q_model: nn.Module, input_ids: torch.T
         for batch in tqdm(_as_batches(input_ids, batch_size), desc="act stats", disable=not progress,
                           leave=False):
             fp_model(input_ids=batch.to(dev_fp), use_cache=False)
+            memo.clear()
             q_model(input_ids=batch.to(dev_q), use_cache=False)
             ref.clear()
             memo.clear()
@@ -674,16 +693,16 @@ def evaluate_stats(fp_path: str | Path, q_path: str | Path, out_json: str | Path
     Token windows: ``split="test"``: the first ``n_windows`` non-overlapping ``seqlen`` windows of
     the corpus test split (the perplexity windows); ``"calib"``: ``n_windows`` calibration windows
     sampled with ``seed`` (:func:`qbench.data.corpora.sample_calibration`)."""
-    from ..api import base_record, load_for_eval, pick_device, write_record
+    from ..records import base_record, descriptor_of, load_for_eval, pick_device, write_record
     from ..data.corpora import load_tokens, sample_calibration
     from .ppl import windows
 
     if split not in ("test", "calib"):
-        raise ValueError(f"split={split!r}; allowed values: test, calib")
+        raise ConfigError(f"split={split!r}; allowed values: test, calib")
     if n_windows < 1 or seqlen < 2:
-        raise ValueError(f"n_windows={n_windows} and seqlen={seqlen} must be >= 1 and >= 2")
+        raise ConfigError(f"n_windows={n_windows} and seqlen={seqlen} must be >= 1 and >= 2")
     if outlier_k <= 1:
-        raise ValueError(f"outlier_k={outlier_k} must be > 1 (a multiple of the median absmax)")
+        raise ConfigError(f"outlier_k={outlier_k} must be > 1 (a multiple of the median absmax)")
     device = pick_device(device)
     ids = (windows(load_tokens(corpus_dir, "test"), seqlen, n_windows) if split == "test"
            else sample_calibration(corpus_dir, n_windows, seqlen, seed))
@@ -691,8 +710,7 @@ def evaluate_stats(fp_path: str | Path, q_path: str | Path, out_json: str | Path
     fp_model, _, _ = load_for_eval(fp_path, dtype=dtype, device=device)
     q_model, _, manifest = load_for_eval(q_path, dtype=dtype, device=device)
     transformed = reference_in_recipe_basis(fp_model, manifest.get("recipe", []))
-    methods = [next(iter(st)) for st in manifest.get("recipe", []) if isinstance(st, dict)]
-    rescaling = [m for m in methods if m in RESCALING_METHODS]
+    rescaling = [d["method"] for d in descriptor_of(manifest)["stages"] if d.get("rescales_weights")]
     primary = "rescaled" if rescaling else "plain"
     w = weight_stats(fp_model, q_model, outlier_k=outlier_k, rescaled=bool(rescaling))
     a = activation_stats(fp_model, q_model, ids, outlier_k=outlier_k, batch_size=batch_size,

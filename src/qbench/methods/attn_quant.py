@@ -26,7 +26,7 @@ from torch import nn
 
 from ..modules import attention as attn
 from ..quant.uniform import compute_qparams, fake_quantize
-from .base import Method, MethodConfig, QuantContext, opt, register
+from .base import ConfigError, Descriptor, Method, MethodConfig, QuantContext, opt, register
 
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 GRANULARITY = ("per_token", "per_head", "per_tensor")
@@ -44,7 +44,7 @@ def fake_quant_heads(x: torch.Tensor, bits: int, granularity: str, sym: bool) ->
     elif granularity == "per_tensor":
         dims = tuple(range(xf.dim()))
     else:
-        raise ValueError(f"granularity={granularity!r}: allowed values are {', '.join(GRANULARITY)}")
+        raise ConfigError(f"granularity={granularity!r}: allowed values are {', '.join(GRANULARITY)}")
     xmin = xf.amin(dim=dims, keepdim=True)
     xmax = xf.amax(dim=dims, keepdim=True)
     scale, zero = compute_qparams(xmin, xmax, bits, sym)
@@ -70,10 +70,14 @@ class AttnQuant(Method):
         s_target: str = opt("probs", "quantize the softmax probabilities (operand of S·V) or the "
                             "pre-softmax scores", choices=("probs", "scores"))
 
+    def describe(self, cfg: Config) -> Descriptor:
+        # Q and the attention scores/probabilities are activations
+        quant = cfg.q_bits < 16 or cfg.s_bits < 16
+        return Descriptor(family="weight-activation" if quant else None,
+                          columns={"QS": f"Q{cfg.q_bits}S{cfg.s_bits}"})
+
     def check(self, model: nn.Module, cfg: Config, key: str) -> None:
         if not attn.attention_modules(model):
-            from .base import ConfigError
-
             raise ConfigError(f"{key}: {type(model).__name__} has no attention modules to hook")
 
     def attach(self, model: nn.Module, cfg: Config) -> None:

@@ -36,6 +36,7 @@ the outputs of this *quantized* block: the runner's protocol for every method.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,9 +48,9 @@ from ..calib.blockwise import BlockInputs, get_decoder_layers, run_blockwise
 from ..models import adapters
 from ..modules import set_module, target_linears
 from ..quant.uniform import WeightQuantSpec, fake_quantize_weight, quantize_weight
-from .base import Method, QuantContext, opt, register
-from .gptq import _module_name, need_calibration
-from .rtn import WeightActArgs, check_group_size, finalize_act_only, fp16_qparams, make_quant_linear
+from .base import CalibArgs, Method, QuantContext, calib_field, opt, register
+from .common import (WeightActArgs, check_group_size, finalize_act_only, fp16_qparams, make_quant_linear,
+                     module_name, weight_act_descriptor)
 
 __all__ = ["AWQ", "AWQGroup", "awq_groups", "search_scale", "apply_scale", "search_clip",
            "apply_clip"]
@@ -231,7 +232,7 @@ class AWQ(Method):
     kind = "weight"
 
     @dataclass
-    class Config(WeightActArgs):
+    class Config(CalibArgs, WeightActArgs):
         group_size: int = opt(64, "-1 per output channel, 0 per tensor, >0 inputs per group",
                               range=(-1, 1 << 20))
         n_grid: int = opt(20, "grid points for the scale exponent α in [0, 1)", range=(1, 1000))
@@ -240,21 +241,21 @@ class AWQ(Method):
         clip_tokens: int = opt(512, "tokens subsampled for the clipping search", range=(1, 1 << 20))
         inspect: str = opt("module", "error measured on the module output (llm-awq) or the linears'",
                            choices=("module", "linears"))
-        calib: str = opt("wiki", "calibration corpus")
-        nsamples: int = opt(128, "calibration sequences", range=(1, 1 << 20))
-        seqlen: int = opt(512, "tokens per calibration sequence", range=(1, 1 << 20))
-        seed: int = opt(0, "calibration sampling seed", range=(0, 2**31 - 1))
+        seqlen: int = calib_field("seqlen", 512)
 
     def check(self, model, cfg, key):
         check_group_size(model, cfg, key)
 
+    def describe(self, cfg: Config):
+        return dataclasses.replace(weight_act_descriptor(cfg), rescales_weights=True)
+
     def apply(self, model: nn.Module, cfg: Config, ctx: QuantContext) -> dict:
         if cfg.w_bits >= 16:
             return {"layers": finalize_act_only(model, cfg)}
-        calib = need_calibration(ctx, self.name)(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        calib = ctx.calib_tokens(cfg.calib_set(), self.name)
         spec = cfg.spec()
         targets = target_linears(model, cfg.skip)
-        prefix = _module_name(model, get_decoder_layers(model))
+        prefix = module_name(model, get_decoder_layers(model))
         scales_info: dict[str, dict] = {}
         n_clipped = n_layers = 0
         t0 = time.perf_counter()

@@ -8,26 +8,34 @@ manifest and passed to Snakemake ``params:``.
 
 Config fields declare their constraints in ``dataclasses.field(metadata=...)``:
 ``choices`` (allowed values), ``range`` (inclusive numeric bounds), ``doc`` (one line).
+
+Every method *describes* what a stage produces (:meth:`Method.describe` → a
+:class:`qbench.descriptor.Descriptor`); the report and the manifest read that, never method names.
+KV-cache methods subclass :class:`KVMethod`: they provide their cache and their attention hook, and
+:meth:`KVMethod.attach` binds both to the model (:mod:`qbench.modules.kv_binding`).
+How to add a method: ``docs/DEVELOPING.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from torch import nn
 
+from ..calib.spec import CalibSet
+from ..descriptor import Descriptor, describe_stages
+from ..errors import ConfigError
+from ..modules import attention as attn
+from ..modules.kv_binding import KVBinding, bind_kv
+
 __all__ = [
-    "Method", "MethodConfig", "Stage", "register", "get_method", "available_methods",
-    "parse_recipe", "resolve_recipe", "ConfigError", "opt", "QuantContext",
+    "Method", "KVMethod", "MethodConfig", "CalibArgs", "calib_field", "Stage", "register", "get_method",
+    "available_methods", "parse_recipe", "resolve_recipe", "describe_recipe", "ConfigError", "opt",
+    "QuantContext", "Descriptor",
 ]
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and the allowed values."""
 
 
 def opt(default, doc: str = "", choices=None, range=None):  # noqa: A002 - dataclass option helper
@@ -50,6 +58,39 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
+# ----------------------------------------------------------------------------- calibration args
+#: the calibration arguments every calibrating method shares: one doc and one range each
+_CALIB_FIELDS = {
+    "calib": ("wiki", "calibration corpus", None),
+    "nsamples": (128, "calibration sequences", (1, 1 << 20)),
+    "seqlen": (2048, "tokens per calibration sequence", (2, 1 << 20)),
+    "seed": (0, "calibration sampling seed", (0, 2**31 - 1)),
+}
+
+
+def calib_field(name: str, default=None, doc: str | None = None):
+    """A calibration argument with the shared doc and range and a method's own default (methods
+    differ in how much calibration they need, e.g. KVQuant 16×512 vs GPTQ 128×2048)."""
+    d, text, rng = _CALIB_FIELDS[name]
+    return opt(d if default is None else default, doc or text, range=rng)
+
+
+@dataclass
+class CalibArgs(MethodConfig):
+    """Config mixin of methods that calibrate: ``calib``, ``nsamples``, ``seqlen``, ``seed``.
+    Subclasses may redeclare a field with :func:`calib_field` to change its default."""
+
+    calib: str = calib_field("calib")
+    nsamples: int = calib_field("nsamples")
+    seqlen: int = calib_field("seqlen")
+    seed: int = calib_field("seed")
+
+    def calib_set(self) -> CalibSet:
+        """The calibration set these arguments name (the one place a :class:`CalibSet` is built
+        from a config)."""
+        return CalibSet(self.calib, self.nsamples, self.seqlen, self.seed)
+
+
 @dataclass
 class QuantContext:
     """What a method may use while it runs."""
@@ -61,12 +102,18 @@ class QuantContext:
     progress: bool = True
     log: Any = print
 
+    def calib_tokens(self, spec: CalibSet, method: str = "this method"):
+        """Token ids ``[n, seqlen]`` of a calibration set (ConfigError without a source)."""
+        if self.calibration is None:
+            raise ConfigError(f"{method}: needs calibration data but the context has no calibration source")
+        return self.calibration(spec.corpus, spec.n, spec.seqlen, spec.seed)
+
 
 class Method:
     """Base class: subclasses set ``name``, ``kind``, ``Config`` and implement :meth:`apply`."""
 
     name: ClassVar[str] = ""
-    kind: ClassVar[str] = "weight"  # weight | weight_act | activation | kv | transform
+    kind: ClassVar[str] = "weight"  # weight | weight_act | activation | kv | transform (for `qbench info`)
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: True when the method changes the model at run time (e.g. quantized KV caches) in a way
     #: that is not captured by module replacement / state dict, so loading a checkpoint re-applies
@@ -91,34 +138,119 @@ class Method:
     def attach(self, model: nn.Module, cfg: MethodConfig) -> None:
         """Re-install run-time behaviour on a loaded checkpoint (only for ``runtime`` methods)."""
 
-    def calib_requests(self, cfg: MethodConfig) -> list[dict]:
-        """Calibration sets this stage needs: ``[{corpus, n, seqlen, seed}]`` (for the DAG)."""
-        c = getattr(cfg, "calib", None)
-        if not c:
+    def describe(self, cfg: MethodConfig) -> Descriptor:
+        """What this stage produces (family, bits, group, grid, storage); every method implements it."""
+        raise TypeError(f"{type(self).__name__} must implement describe()")
+
+    def calib_requests(self, cfg: MethodConfig) -> list[CalibSet]:
+        """Calibration sets this stage needs (for the DAG): its :class:`CalibArgs`, if any."""
+        if not isinstance(cfg, CalibArgs) or not cfg.calib:
             return []
-        return [{"corpus": c, "n": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed}]
+        return [cfg.calib_set()]
+
+
+class KVMethod(Method):
+    """Base of KV-cache methods. A subclass provides
+
+    * :meth:`make_cache` — the ``transformers`` cache holding its packed K/V (generation);
+    * :meth:`kv_fake_quant` — ``fn(k, v, layer_idx) -> (k, v)``, the same quantization applied
+      inside attention for cache-less forwards (perplexity), installed as the ``qkv`` attention
+      hook ``"<name>.kv"``;
+    * :meth:`expected_nbytes` — the layout formula of the cache's bytes (checked against the
+      measured bytes by the KV evaluation); optionally :meth:`cache_stats`.
+
+    :meth:`attach` binds them to the model; :func:`qbench.modules.kv_binding.cache_for_model`
+    and the evaluations find them there — nothing dispatches on the method's name.
+    """
+
+    kind = "kv"
+    runtime = True
+
+    @property
+    def hook_name(self) -> str:
+        return f"{self.name}.kv"
+
+    def make_cache(self, model: nn.Module, cfg: MethodConfig, prefill_with_quant: bool | None = None):
+        raise TypeError(f"{type(self).__name__} must implement make_cache()")
+
+    def kv_fake_quant(self, model: nn.Module, cfg: MethodConfig):
+        raise TypeError(f"{type(self).__name__} must implement kv_fake_quant()")
+
+    def expected_nbytes(self, cfg: MethodConfig, n_tokens: int, *, n_layers: int, n_kv_heads: int,
+                        head_dim: int, batch: int = 1, fp_bytes: int = 2, cache=None) -> int:
+        raise TypeError(f"{type(self).__name__} must implement expected_nbytes()")
+
+    def cache_stats(self, cfg: MethodConfig, cache, n_tokens: int, *, n_layers: int, n_kv_heads: int,
+                    head_dim: int) -> dict:
+        """Extra measured fields of a filled cache for the memory record (default none)."""
+        return {}
+
+    def attach(self, model: nn.Module, cfg: MethodConfig) -> None:
+        bind_kv(model, KVBinding(self, cfg))
+        install_kv_hook(model, self.hook_name, self.kv_fake_quant(model, cfg))
+
+
+def install_kv_hook(model: nn.Module, name: str, kv_fake_quant) -> None:
+    """Register ``kv_fake_quant(k, v, layer_idx)`` as a ``qkv`` attention hook (changes k and v)."""
+
+    def hook(module, q, k, v):
+        k, v = kv_fake_quant(k, v, getattr(module, "layer_idx", 0))
+        return q, k, v
+
+    attn.install(model)
+    attn.register_qkv_hook(model, name, hook)
 
 
 _REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry. A method must describe itself (and a KV
+    method provide its cache and hook): missing pieces fail here, not as a wrong report row."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    missing = [m for m in ("apply", "describe") if getattr(cls, m) is getattr(Method, m)]
+    if issubclass(cls, KVMethod):
+        missing += [m for m in ("make_cache", "kv_fake_quant", "expected_nbytes")
+                    if getattr(cls, m) is getattr(KVMethod, m)]
+    if missing:
+        raise TypeError(f"method {cls.name!r} ({cls.__name__}) must implement {', '.join(missing)}")
     _REGISTRY[cls.name] = cls
     return cls
 
 
+#: environment variable naming extra method modules (comma separated), imported with the builtins
+PLUGINS_ENV = "QBENCH_METHODS"
+#: entry-point group of installed packages that provide methods
+ENTRY_POINTS = "qbench.methods"
+_loaded = False
+
+
 def _load_builtin() -> None:
-    # Import every module in qbench.methods so their @register decorators run.
+    """Import every module in ``qbench.methods`` and every plugin module (:data:`PLUGINS_ENV`,
+    entry points :data:`ENTRY_POINTS`) so their ``@register`` decorators run. Plugins let a method
+    live in its own package: nothing in qbench is edited to add one (``docs/DEVELOPING.md``)."""
+    global _loaded
+    if _loaded:
+        return
     import importlib
+    import os
     import pkgutil
+    from importlib.metadata import entry_points
 
     from .. import methods as pkg
 
     for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in ("base",):
+        if mod.name not in ("base", "common"):
             importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    for ep in entry_points(group=ENTRY_POINTS):
+        ep.load()
+    for name in filter(None, (s.strip() for s in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"{PLUGINS_ENV}={name!r}: cannot import this method module ({e})") from e
+    _loaded = True
 
 
 def available_methods() -> list[str]:
@@ -235,5 +367,13 @@ def resolve_recipe(raw: list | None, key: str = "recipe") -> list[dict]:
     return [s.to_dict() for s in parse_recipe(raw, key)]
 
 
-def recipe_slug_ok(name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name))
+def stage_descriptors(raw: list | None, key: str = "recipe") -> list[dict]:
+    """``[{"method": name, **Descriptor.to_dict()}, ...]``: what each stage of a recipe produces,
+    as stored in the checkpoint manifest (``descriptor.stages``) and the records."""
+    return [{"method": st.method, **get_method(st.method).describe(st.config).to_dict()}
+            for st in parse_recipe(raw, key)]
+
+
+def describe_recipe(raw: list | None, key: str = "recipe") -> dict:
+    """A recipe's report row labels (family, method, W, A, KV, group, ...) from its descriptors."""
+    return describe_stages([(d.pop("method"), Descriptor.from_dict(d)) for d in stage_descriptors(raw, key)])

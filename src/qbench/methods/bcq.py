@@ -24,7 +24,8 @@ from ..modules import set_module, target_linears
 from ..modules.bcq_linear import BCQLinear
 from ..quant.bcq import BCQ_METHODS, bcq_quantize, rtn_to_bcq
 from ..quant.uniform import WeightQuantSpec, quantize_weight
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
+from .base import ConfigError, Descriptor, Method, MethodConfig, QuantContext, opt, register
+from .common import fp16_qparams
 
 DEFAULT_ALTERNATING_ROUNDS = 30  # the seed's LUT-GEMM benchmark setting
 
@@ -69,6 +70,10 @@ class BCQ(Method):
                 return 0
             return DEFAULT_ALTERNATING_ROUNDS if self.rounds == -1 else self.rounds
 
+    def describe(self, cfg: Config) -> Descriptor:
+        return Descriptor(family="weight-only", w_bits=cfg.w_bits, group=cfg.group_size,
+                          grid="binary-coding" + ("+offset" if cfg.offset else ""), storage="BCQLinear")
+
     def check(self, model, cfg, key):
         if cfg.group_size == -1:
             return
@@ -110,8 +115,6 @@ class BCQ(Method):
     def _convert(name: str, lin: nn.Module, cfg: Config):
         """RTN grid → BCQ. Returns ``(BCQResult, reference dense weight)``."""
         if type(lin) is nn.Linear:
-            from .rtn import fp16_qparams
-
             spec = WeightQuantSpec(cfg.w_bits, False, cfg.group_size)
             w = lin.weight.data.float()
             scale, zero = fp16_qparams(w, spec)

@@ -42,8 +42,9 @@ from torch import nn
 from ..calib.blockwise import BlockInputs, get_decoder_layers, run_blockwise
 from ..modules import set_module, target_linears
 from ..quant.uniform import WeightQuantSpec, compute_qparams, dequantize_weight
-from .base import ConfigError, Method, QuantContext, opt, register
-from .rtn import WeightActArgs, check_group_size, finalize_act_only, make_quant_linear
+from .base import CalibArgs, ConfigError, Method, QuantContext, opt, register
+from .common import (WeightActArgs, check_group_size, finalize_act_only, make_quant_linear, module_name,
+                     weight_act_descriptor)
 
 __all__ = ["gptq_quantize_weight", "group_qparams", "damped_inverse_cholesky", "HessianCollector",
            "GPTQ", "gptq_model", "sequential_groups"]
@@ -275,19 +276,6 @@ def sequential_groups(names: list[str]) -> list[list[str]]:
     return groups
 
 
-def _module_name(model: nn.Module, target: nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is target:
-            return name
-    raise ValueError("module not found in model")
-
-
-def need_calibration(ctx: QuantContext, method: str):
-    if ctx.calibration is None:
-        raise ConfigError(f"{method}: needs calibration data but the context has no calibration source")
-    return ctx.calibration
-
-
 @register
 class GPTQ(Method):
     name = "gptq"
@@ -295,17 +283,13 @@ class GPTQ(Method):
     kind = "weight"
 
     @dataclass
-    class Config(WeightActArgs):
+    class Config(CalibArgs, WeightActArgs):
         act_order: bool = opt(False, "process columns by descending Hessian diagonal (needs g_idx for groups)")
         static_groups: bool = opt(False, "group parameters computed before act-order permutation (no g_idx)")
         percdamp: float = opt(0.01, "damping, fraction of mean(diag H)", range=(0.0, 1.0))
         blocksize: int = opt(128, "columns per lazy batch update", range=(1, 1 << 16))
         true_sequential: bool = opt(True, "quantize q,k,v → o → gate,up → down with re-captured inputs")
         mse: bool = opt(False, "grid-search the clipping of each group's range (reference Quantizer mse)")
-        calib: str = opt("wiki", "calibration corpus")
-        nsamples: int = opt(128, "calibration sequences", range=(1, 1 << 20))
-        seqlen: int = opt(2048, "tokens per calibration sequence", range=(1, 1 << 20))
-        seed: int = opt(0, "calibration sampling seed", range=(0, 2**31 - 1))
 
         def validate(self, key: str) -> None:
             if self.w_bits < 16 and not 2 <= self.w_bits <= 8:
@@ -313,6 +297,9 @@ class GPTQ(Method):
 
     def check(self, model, cfg, key):
         check_group_size(model, cfg, key)
+
+    def describe(self, cfg: Config):
+        return weight_act_descriptor(cfg)
 
     def apply(self, model: nn.Module, cfg: Config, ctx: QuantContext) -> dict:
         if cfg.w_bits >= 16:
@@ -325,11 +312,11 @@ def gptq_model(model: nn.Module, cfg: GPTQ.Config, ctx: QuantContext, spec_for=N
     """GPTQ over every target linear of ``model``, block by block. ``spec_for(name)`` gives a
     layer's :class:`WeightQuantSpec` (default: ``cfg.spec()`` for all; mixed precision passes
     per-layer bits)."""
-    calib = need_calibration(ctx, desc)(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+    calib = ctx.calib_tokens(cfg.calib_set(), desc)
     default_spec = cfg.spec()
     spec_for = spec_for or (lambda _name: default_spec)
     targets = target_linears(model, cfg.skip)
-    prefix = _module_name(model, get_decoder_layers(model))
+    prefix = module_name(model, get_decoder_layers(model))
     per_layer: dict[str, dict] = {}
     repairs: list[dict] = []
     t0 = time.perf_counter()

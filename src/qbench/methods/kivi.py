@@ -8,8 +8,8 @@ most recent ``residual`` tokens stay in full precision (K leaves the window in c
 
 Two run-time paths, same numbers (they share the quantizers):
 
-* **Generation** (needle, chat): ``cache_for_model(model)`` builds a :class:`KIVICache` from the
-  configuration recorded by :meth:`KIVI.attach` on the model (``model._qbench_kv``); it stores
+* **Generation** (needle, chat): ``cache_for_model(model)`` builds a :class:`KIVICache` through
+  the binding :meth:`KIVI.attach` installs (:meth:`KIVI.make_cache`); it stores
   packed codes and hands dequantized K/V to attention. ``prefill_with_quant`` (the seed's switch)
   decides whether a multi-token prefill attends to its own tokens quantized (True) or in full
   precision (False, vanilla KIVI; later tokens always read the quantized cache).
@@ -30,34 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..modules import attention as attn
-from ..modules.kv_cache import is_served
+from ..modules.kv_cache import KIVICache, is_served, kivi_expected_nbytes
 from ..quant.kv import kivi_fake_quant
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
+from .base import ConfigError, Descriptor, KVMethod, MethodConfig, QuantContext, opt, register
+from .common import check_full_attention, kv_dims
 
 KV_BITS = (2, 4, 8, 16)
 HOOK = "kivi.kv"
-
-
-def kv_dims(model: nn.Module) -> tuple[int, int, int]:
-    """``(n_layers, n_kv_heads, head_dim)`` of a decoder config."""
-    tc = model.config.get_text_config(decoder=True)
-    heads = tc.num_attention_heads
-    kv = getattr(tc, "num_key_value_heads", None) or heads
-    hd = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-    return tc.num_hidden_layers, kv, hd
-
-
-def check_full_attention(model: nn.Module, key: str) -> None:
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
-    bad = sorted(set(types) - {"full_attention"})
-    if bad:
-        raise ConfigError(f"{key}: KV-cache quantization supports full-attention layers only; "
-                          f"{type(model).__name__} has layer types {bad}")
-    if not attn.attention_modules(model):
-        raise ConfigError(f"{key}: {type(model).__name__} has no attention modules to hook")
 
 
 def make_kivi_fake_quant(cfg):
@@ -72,22 +51,9 @@ def make_kivi_fake_quant(cfg):
     return kv_fake_quant
 
 
-def install_kv_hook(model: nn.Module, name: str, kv_fake_quant) -> None:
-    """Register ``kv_fake_quant`` as a ``qkv`` attention hook (changes k and v only)."""
-
-    def hook(module, q, k, v):
-        k, v = kv_fake_quant(k, v, getattr(module, "layer_idx", 0))
-        return q, k, v
-
-    attn.install(model)
-    attn.register_qkv_hook(model, name, hook)
-
-
 @register
-class KIVI(Method):
+class KIVI(KVMethod):
     name = "kivi"
-    kind = "kv"
-    runtime = True
 
     @dataclass
     class Config(MethodConfig):
@@ -112,9 +78,22 @@ class KIVI(Method):
             raise ConfigError(f"{key}.group_size={cfg.group_size} does not divide the value vector "
                               f"(kv_heads*head_dim={h * d}); sizes that work: {ok or 'none'}")
 
-    def attach(self, model: nn.Module, cfg: Config) -> None:
-        model._qbench_kv = {"method": self.name, "config": cfg}
-        install_kv_hook(model, HOOK, make_kivi_fake_quant(cfg))
+    def describe(self, cfg: Config) -> Descriptor:
+        return Descriptor(family="KV cache", kv_bits=cfg.k_bits, grid="uniform-asym",
+                          storage="KIVICache")
+
+    def make_cache(self, model: nn.Module, cfg: Config, prefill_with_quant: bool | None = None):
+        pwq = cfg.prefill_with_quant if prefill_with_quant is None else prefill_with_quant
+        return KIVICache(model.config, k_bits=cfg.k_bits, v_bits=cfg.v_bits, group_size=cfg.group_size,
+                         residual=cfg.residual, prefill_with_quant=pwq)
+
+    def kv_fake_quant(self, model: nn.Module, cfg: Config):
+        return make_kivi_fake_quant(cfg)
+
+    def expected_nbytes(self, cfg: Config, n_tokens: int, **dims) -> int:
+        dims.pop("cache", None)
+        return kivi_expected_nbytes(n_tokens, k_bits=cfg.k_bits, v_bits=cfg.v_bits,
+                                    group_size=cfg.group_size, residual=cfg.residual, **dims)
 
     def apply(self, model: nn.Module, cfg: Config, ctx: QuantContext) -> dict:
         self.attach(model, cfg)

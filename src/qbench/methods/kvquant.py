@@ -53,10 +53,12 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..models.adapters import get_embed, get_rotary_emb
 from ..modules import set_module
-from ..modules.kv_cache import KVCodebooks, is_served, rope_is_scaled, rope_tables
+from ..modules import attention as attn
+from ..modules.kv_cache import (KVCodebooks, KVQuantCache, is_served, kvquant_expected_nbytes, rope_is_scaled,
+                                rope_tables)
 from ..quant.kv import fit_kvquant_layer, invert_rope, kvquant_fake_quant
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
-from .kivi import check_full_attention, install_kv_hook, kv_dims
+from .base import CalibArgs, ConfigError, Descriptor, KVMethod, QuantContext, calib_field, opt, register
+from .common import check_full_attention, kv_dims
 
 HOOK = "kvquant.kv"
 MODULE_NAME = "qbench_kvquant"
@@ -147,21 +149,17 @@ def make_kvquant_fake_quant(model: nn.Module, cfg):
 
 
 @register
-class KVQuant(Method):
+class KVQuant(KVMethod):
     name = "kvquant"
-    kind = "kv"
-    runtime = True
 
     @dataclass
-    class Config(MethodConfig):
+    class Config(CalibArgs):
         bits: int = opt(4, "bits per K/V value (codebook of 2^bits levels)", choices=(2, 3, 4))
         outlier_fraction: float = opt(0.01, "fraction of values per vector kept in fp16 (sparse)",
                                       range=(0.0, 0.5))
         first_fp16: int = opt(1, "first tokens (attention sink) kept in full precision", range=(0, 4096))
-        calib: str = opt("wiki", "calibration corpus")
-        nsamples: int = opt(16, "calibration sequences", range=(1, 4096))
-        seqlen: int = opt(512, "calibration sequence length (tokens)", range=(2, 1 << 16))
-        seed: int = opt(0, "calibration sampling seed")
+        nsamples: int = calib_field("nsamples", 16)
+        seqlen: int = calib_field("seqlen", 512)
         kmeans_iters: int = opt(20, "Lloyd iterations of the weighted k-means", range=(0, 1000))
         sensitivity: str = opt("fisher", "k-means weights: squared loss gradients (Fisher), squared "
                                "activations, or none", choices=("fisher", "sq_act", "uniform"))
@@ -188,22 +186,45 @@ class KVQuant(Method):
         if h * d >= 1 << 15:
             raise ConfigError(f"{key}: kv_heads*head_dim={h * d} exceeds the int16 outlier indices")
 
+    def describe(self, cfg: Config) -> Descriptor:
+        return Descriptor(family="KV cache", kv_bits=cfg.bits, grid="codebook (non-uniform), sparse outliers",
+                          storage="KVQuantCache")
+
     def attach(self, model: nn.Module, cfg: Config) -> None:
         if not isinstance(getattr(model, MODULE_NAME, None), KVCodebooks):
             raise RuntimeError("kvquant: the model has no learned codebooks (model.qbench_kvquant); "
                                "run the kvquant stage or load a kvquant checkpoint")
-        model._qbench_kv = {"method": self.name, "config": cfg}
-        install_kv_hook(model, HOOK, make_kvquant_fake_quant(model, cfg))
+        super().attach(model, cfg)
+
+    def make_cache(self, model: nn.Module, cfg: Config, prefill_with_quant: bool | None = None):
+        pwq = cfg.prefill_with_quant if prefill_with_quant is None else prefill_with_quant
+        return KVQuantCache.from_model(model, outlier_fraction=cfg.outlier_fraction,
+                                       first_fp16=cfg.first_fp16, prefill_with_quant=pwq)
+
+    def kv_fake_quant(self, model: nn.Module, cfg: Config):
+        return make_kvquant_fake_quant(model, cfg)
+
+    @staticmethod
+    def _k_outliers(cache) -> int:
+        return sum(int(layer.k_val.numel()) for layer in cache.layers if getattr(layer, "k_val", None) is not None)
+
+    def expected_nbytes(self, cfg: Config, n_tokens: int, *, cache=None, **dims) -> int:
+        """Layout formula; K outliers are data dependent: counted in ``cache`` when given."""
+        return kvquant_expected_nbytes(n_tokens, bits=cfg.bits, outlier_fraction=cfg.outlier_fraction,
+                                       first_fp16=cfg.first_fp16,
+                                       k_outliers=None if cache is None else self._k_outliers(cache), **dims)
+
+    def cache_stats(self, cfg: Config, cache, n_tokens: int, *, n_layers: int, n_kv_heads: int,
+                    head_dim: int) -> dict:
+        k_out = self._k_outliers(cache)
+        return {"k_outliers": k_out, "k_outlier_rate": k_out / max(1, n_layers * max(n_tokens - cfg.first_fp16, 0)
+                                                                      * n_kv_heads * head_dim)}
 
     def apply(self, model: nn.Module, cfg: Config, ctx: QuantContext) -> dict:
-        if ctx.calibration is None:
-            raise ValueError("kvquant needs calibration data (QuantContext.calibration)")
         t0 = time.perf_counter()
-        calib = ctx.calibration(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        calib = ctx.calib_tokens(cfg.calib_set(), self.name)
         # A KV hook of an earlier attach (re-quantizing) must not distort the statistics.
-        from ..modules import attention as attn
-
-        attn.remove_hook(model, HOOK)
+        attn.remove_hook(model, self.hook_name)
         data = collect_kv_calibration(model, calib, first_fp16=cfg.first_fp16,
                                       sensitivity=cfg.sensitivity, progress=ctx.progress)
         t1 = time.perf_counter()

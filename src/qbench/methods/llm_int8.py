@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..modules import set_module, target_linears
 from ..modules.int8_linear import Int8Linear
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
+from .base import CalibArgs, ConfigError, Descriptor, Method, QuantContext, calib_field, opt, register
 
 
 @register
@@ -32,18 +32,21 @@ class LLMInt8(Method):
     kind = "weight_act"
 
     @dataclass
-    class Config(MethodConfig):
+    class Config(CalibArgs):
         threshold: float = opt(6.0, "outlier threshold on |x| (0: every dim in 16 bit; .inf: no "
                                     "decomposition, plain vector-wise int8)", range=(0.0, math.inf))
-        calib: str = opt("wiki", "corpus for measuring outlier-dim fractions ('' to skip)")
-        nsamples: int = opt(16, "calibration sequences for the outlier measurement", range=(1, 1 << 20))
-        seqlen: int = opt(512, "tokens per calibration sequence", range=(2, 1 << 20))
-        seed: int = opt(0, "calibration sampling seed")
+        calib: str = calib_field("calib", doc="corpus for measuring outlier-dim fractions ('' to skip)")
+        nsamples: int = calib_field("nsamples", 16, doc="calibration sequences for the outlier measurement")
+        seqlen: int = calib_field("seqlen", 512)
         skip: list = field(default_factory=list, metadata={"doc": "regexes of layer names to leave in 16 bits"})
 
         def validate(self, key: str) -> None:
             if math.isnan(self.threshold):
                 raise ConfigError(f"{key}.threshold=nan: use a number ≥ 0 or .inf")
+
+    def describe(self, cfg: Config) -> Descriptor:
+        return Descriptor(family="weight-activation", w_bits=8, a_bits=8, group=-1,
+                          grid="int8-sym vector-wise, fp16 outlier dims", storage="Int8Linear")
 
     def check(self, model: nn.Module, cfg: Config, key: str) -> None:
         if not target_linears(model, cfg.skip):
@@ -60,7 +63,7 @@ class LLMInt8(Method):
             mods[name] = m
         out: dict = {"layers": len(mods), "threshold": None if math.isinf(cfg.threshold) else cfg.threshold}
         if cfg.calib and not math.isinf(cfg.threshold):
-            ids = ctx.calibration(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+            ids = ctx.calib_tokens(cfg.calib_set(), self.name)
             dev = next(model.parameters()).device
             for m in mods.values():
                 m.reset_outlier_stats()

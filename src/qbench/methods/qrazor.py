@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..modules import set_module, target_linears
 from ..modules.sdr_linear import SDRActLinear, SDRLinear
 from ..quant.sdr import base_scale, effective_bits, flag_bits, sdr_fake_quant, sdr_quantize
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
+from .base import ConfigError, Descriptor, Method, MethodConfig, QuantContext, opt, register
 
 __all__ = ["QRazor", "sdr_fake_quant", "sdr_quantize", "sdr_fake_quant_kv", "effective_bits",
            "flag_bits", "base_scale"]
@@ -89,6 +89,12 @@ class QRazor(Method):
         def act(self) -> dict:
             return {"a_bits": self.a_bits, "a_group_size": self.a_group_size,
                     "a_base_bits": self.a_base_bits, "a_granularity": self.a_granularity}
+
+    def describe(self, cfg: Config) -> Descriptor:
+        quant_a = cfg.a_bits < 16
+        return Descriptor(family="weight-activation" if quant_a else "weight-only", w_bits=cfg.w_bits,
+                          a_bits=cfg.a_bits, group=cfg.w_group_size, grid="sdr",
+                          storage="SDRLinear" if cfg.w_bits < 16 else "SDRActLinear")
 
     def check(self, model, cfg, key):
         for name, lin in target_linears(model, cfg.skip, include_quantized=True).items():

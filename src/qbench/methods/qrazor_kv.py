@@ -15,8 +15,8 @@ seed's g16 row, effective 4 + 3/16 ≈ 4.19 bits per code before base scales).
 Two run-time paths with the same numbers (shared encoder,
 :mod:`qbench.modules.qrazor_kv_cache`):
 
-* **Generation**: :func:`qbench.modules.qrazor_kv_cache.qrazor_kv_cache_for_model` builds a
-  :class:`QRazorKVCache` (packed codes + packed flags + fp16 scales) from ``model._qbench_kv``;
+* **Generation**: :meth:`QRazorKV.make_cache` builds a :class:`QRazorKVCache` (packed codes +
+  packed flags + fp16 scales), bound to the model by :meth:`QRazorKV.attach`;
   ``prefill_with_quant`` decides whether a multi-token prefill attends to its own tokens razored.
 * **Perplexity** (``use_cache=False``): a ``qkv`` attention hook (``"qrazor_kv.kv"``) replaces
   K/V by what the cache holding the sequence returns (bit-identical).
@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..modules.kv_cache import is_served
-from ..modules.qrazor_kv_cache import qrazor_kv_expected_nbytes, qrazor_kv_fake_quant
+from ..modules.kv_base import is_served
+from ..modules.qrazor_kv_cache import QRazorKVCache, qrazor_kv_expected_nbytes, qrazor_kv_fake_quant
 from ..quant.sdr import effective_bits, flag_bits
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
-from .kivi import check_full_attention, install_kv_hook, kv_dims
+from .base import ConfigError, Descriptor, KVMethod, MethodConfig, QuantContext, opt, register
+from .common import check_full_attention, kv_dims
 
 HOOK = "qrazor_kv.kv"
 
@@ -56,10 +56,8 @@ def make_qrazor_kv_fake_quant(cfg):
 
 
 @register
-class QRazorKV(Method):
+class QRazorKV(KVMethod):
     name = "qrazor_kv"
-    kind = "kv"
-    runtime = True
 
     @dataclass
     class Config(MethodConfig):
@@ -90,9 +88,21 @@ class QRazorKV(Method):
             raise ConfigError(f"{key}.group_size={cfg.group_size} does not divide head_dim={d}; "
                               f"sizes that work: {', '.join(map(str, ok)) or 'none'}")
 
-    def attach(self, model: nn.Module, cfg: Config) -> None:
-        model._qbench_kv = {"method": self.name, "config": cfg}
-        install_kv_hook(model, HOOK, make_qrazor_kv_fake_quant(cfg))
+    def describe(self, cfg: Config) -> Descriptor:
+        return Descriptor(family="KV cache", kv_bits=cfg.kv_bits, grid="sdr", storage="QRazorKVCache")
+
+    def make_cache(self, model: nn.Module, cfg: Config, prefill_with_quant: bool | None = None):
+        pwq = cfg.prefill_with_quant if prefill_with_quant is None else prefill_with_quant
+        return QRazorKVCache(model.config, kv_bits=cfg.kv_bits, group_size=cfg.group_size,
+                             base_bits=cfg.base_bits, k_granularity=cfg.k_granularity,
+                             k_block=cfg.k_block, prefill_with_quant=pwq)
+
+    def kv_fake_quant(self, model: nn.Module, cfg: Config):
+        return make_qrazor_kv_fake_quant(cfg)
+
+    def expected_nbytes(self, cfg: Config, n_tokens: int, **dims) -> int:
+        dims.pop("cache", None)
+        return qrazor_kv_expected_nbytes(cfg, n_tokens, **dims)
 
     def apply(self, model: nn.Module, cfg: Config, ctx: QuantContext) -> dict:
         self.attach(model, cfg)

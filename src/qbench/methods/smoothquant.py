@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..calib.stats import get_act_stats
 from ..models import adapters
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
+from .base import CalibArgs, ConfigError, Descriptor, Method, QuantContext, calib_field, opt, register
 
 
 def smooth_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -80,17 +80,18 @@ class SmoothQuant(Method):
     kind = "transform"
 
     @dataclass
-    class Config(MethodConfig):
+    class Config(CalibArgs):
         alpha: float = opt(0.55, "migration strength α (seed: 0.55 best for Llama-3.1-8B)", range=(0.0, 1.0))
-        calib: str = opt("wiki", "calibration corpus")
-        nsamples: int = opt(128, "calibration sequences", range=(1, 1 << 20))
-        seqlen: int = opt(512, "tokens per calibration sequence", range=(2, 1 << 20))
-        seed: int = opt(0, "calibration sampling seed")
+        seqlen: int = calib_field("seqlen", 512)
         fold_vo: bool = opt(False, "also smooth o_proj's input, folded into v_proj's output rows "
                                    "(GQA: scales shared by the heads of a KV group)")
         fold_up_down: bool = opt(False, "also smooth down_proj's input, folded into up_proj's output rows")
         skip: list = field(default_factory=list, metadata={"doc": "regexes of layer names whose "
                                                            "smoothing groups are left alone"})
+
+    def describe(self, cfg: Config) -> Descriptor:
+        # a transform, tabled with the W/A methods like the seed; the α sweep groups by its knob
+        return Descriptor(family="weight-activation", knobs={"alpha": cfg.alpha}, rescales_weights=True)
 
     def check(self, model: nn.Module, cfg: Config, key: str) -> None:
         try:

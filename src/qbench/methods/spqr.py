@@ -38,7 +38,7 @@ from torch import nn
 
 from ..modules import set_module, target_linears
 from ..modules.spqr_linear import SpQRLinear, dequantize_stats, qdq_codes
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
+from .base import CalibArgs, ConfigError, Descriptor, Method, QuantContext, opt, register
 
 __all__ = ["SpQR", "SpQRConfig", "SpQRResult", "spqr_quantize_weight", "spqr_paper_bits",
            "leave_one_out_reduction"]
@@ -313,7 +313,7 @@ class SpQR(Method):
     kind = "weight"
 
     @dataclass
-    class Config(MethodConfig):
+    class Config(CalibArgs):
         w_bits: int = opt(3, "bits per weight (b_w)", choices=(2, 3, 4, 5, 6, 7, 8))
         groupsize: int = opt(16, "β1: inputs per first-level group (-1 = whole row)",
                              range=(-1, 1 << 20))
@@ -330,10 +330,6 @@ class SpQR(Method):
         act_order: bool = opt(True, "process inputs in descending diag(H) order")
         blocksize: int = opt(128, "lazy GPTQ update block (rounded up to a multiple of groupsize)",
                              range=(1, 1 << 16))
-        calib: str = opt("wiki", "calibration corpus")
-        nsamples: int = opt(128, "calibration sequences", range=(1, 1 << 16))
-        seqlen: int = opt(2048, "calibration sequence length", range=(8, 1 << 20))
-        seed: int = opt(0, "calibration sampling seed", range=(0, 2 ** 31 - 1))
         skip: list = field(default_factory=list,
                            metadata={"doc": "regexes of layer names to leave in 16 bits"})
 
@@ -345,6 +341,10 @@ class SpQR(Method):
             return SpQRConfig(self.w_bits, self.groupsize, self.qq_scale_bits, self.qq_zero_bits,
                               self.qq_groupsize, self.outlier_threshold, self.percdamp,
                               self.act_order, self.blocksize, self.simplified_outliers)
+
+    def describe(self, cfg: Config) -> Descriptor:
+        return Descriptor(family="weight-only", w_bits=cfg.w_bits, group=cfg.groupsize,
+                          grid="uniform-asym, bi-level stats, fp16 outliers", storage="SpQRLinear")
 
     def check(self, model, cfg, key):
         qq = cfg.qq_scale_bits < 16 or cfg.qq_zero_bits < 16
@@ -363,9 +363,7 @@ class SpQR(Method):
     def apply(self, model: nn.Module, cfg: Config, ctx: QuantContext) -> dict:
         from ..calib.blockwise import run_blockwise
 
-        if ctx.calibration is None:
-            raise ConfigError("spqr: needs calibration data (QuantContext.calibration is not set)")
-        calib = ctx.calibration(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        calib = ctx.calib_tokens(cfg.calib_set(), self.name)
         targets = target_linears(model, cfg.skip)
         by_id = {id(m): n for n, m in targets.items()}
         lcfg = cfg.layer_cfg()

@@ -46,8 +46,8 @@ from ..calib.blockwise import BlockInputs, run_blockwise
 from ..modules import set_module, target_linears
 from ..modules.qlinear import ActQuantLinear
 from ..quant.uniform import WeightQuantSpec, compute_qparams, fake_quantize_activation, quantize_weight
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
-from .rtn import A_BITS, W_BITS, divisor_hint, fp16_qparams, make_quant_linear
+from .base import CalibArgs, ConfigError, Descriptor, Method, QuantContext, calib_field, opt, register
+from .common import A_BITS, W_BITS, divisor_hint, fp16_qparams, make_quant_linear
 
 __all__ = ["ZeroQuant", "FakeQuantLinear", "parse_lkd_layers", "module_bits"]
 
@@ -171,7 +171,7 @@ class ZeroQuant(Method):
     kind = "weight_act"
 
     @dataclass
-    class Config(MethodConfig):
+    class Config(CalibArgs):
         w_bits_attn: int = opt(8, "weight bits of attention projections (q/k/v/o)", choices=W_BITS)
         w_bits_mlp: int = opt(8, "weight bits of MLP projections (gate/up/down); seed W4/8: 4", choices=W_BITS)
         group_size: int = opt(-1, "-1 per output row, >0 inputs per group (symmetric)", range=(-1, 1 << 20))
@@ -187,10 +187,10 @@ class ZeroQuant(Method):
                               choices=("dynamic", "fixed", "learned"))
         lkd_train_norms: bool = opt(True, "also train the block's norm gains (the reference trains "
                                           "every parameter of the layer)")
-        calib: str = opt("wiki", "calibration corpus (used by LKD only)")
-        nsamples: int = opt(128, "calibration sequences (LKD)", range=(1, 1 << 20))
-        seqlen: int = opt(512, "tokens per calibration sequence (LKD)", range=(2, 1 << 20))
-        seed: int = opt(0, "calibration sampling and minibatch-order seed")
+        calib: str = calib_field("calib", doc="calibration corpus (used by LKD only)")
+        nsamples: int = calib_field("nsamples", doc="calibration sequences (LKD)")
+        seqlen: int = calib_field("seqlen", 512, doc="tokens per calibration sequence (LKD)")
+        seed: int = calib_field("seed", doc="calibration sampling and minibatch-order seed")
         skip: list = field(default_factory=list, metadata={"doc": "regexes of layer names to leave in 16 bits"})
 
         def validate(self, key: str) -> None:
@@ -201,8 +201,15 @@ class ZeroQuant(Method):
             elif not all(isinstance(v, int) and not isinstance(v, bool) for v in self.lkd_layers):
                 raise ConfigError(f"{key}.lkd_layers={self.lkd_layers!r}: list entries must be integers")
 
-    def calib_requests(self, cfg: Config) -> list[dict]:
+    def calib_requests(self, cfg: Config) -> list:
         return super().calib_requests(cfg) if cfg.lkd else []
+
+    def describe(self, cfg: Config) -> Descriptor:
+        # per-module weight bits: "MLP/attention" like the seed's W4/8
+        mlp, attn = cfg.w_bits_mlp, cfg.w_bits_attn
+        return Descriptor(family="weight-activation", w_bits=mlp if mlp == attn else f"{mlp}/{attn}",
+                          a_bits=cfg.a_bits, group=cfg.group_size, grid="uniform-sym",
+                          storage="QuantLinear")
 
     def check(self, model: nn.Module, cfg: Config, key: str) -> None:
         from ..models.adapters import get_layers
@@ -247,10 +254,8 @@ class ZeroQuant(Method):
             return out
         from ..models.adapters import get_layers
 
-        if ctx.calibration is None:
-            raise ConfigError("zeroquant: lkd=true needs calibration data (ctx.calibration is None)")
         distil = set(parse_lkd_layers(cfg.lkd_layers, len(get_layers(model))))
-        ids = ctx.calibration(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        ids = ctx.calib_tokens(cfg.calib_set(), "zeroquant (lkd=true)")
         bs = min(cfg.lkd_batch_size, ids.shape[0])
         names = {id(m): n for n, m in model.named_modules()}
         report: dict[str, dict] = {}

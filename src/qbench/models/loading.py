@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..fsutil import atomic_dir
 from .adapters import SUPPORTED_MODEL_TYPES, check_supported
+from ..errors import ConfigError
 
 CARD_NAME = "qbench_model_card.json"
 SOURCE_KINDS = ("gguf-package", "local", "hf")
@@ -96,7 +97,7 @@ def _torch_dtype(dtype):
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; allowed values: {', '.join(DTYPES)}")
+        raise ConfigError(f"dtype={dtype!r} is not supported; allowed values: {', '.join(DTYPES)}")
     return getattr(torch, dtype)
 
 
@@ -158,7 +159,7 @@ def validate_source(source: dict) -> str:
     """Check a ``model.source`` dict (kind, required and unknown keys) without heavy work; return
     its kind. Errors name the config key and the allowed values."""
     if not isinstance(source, dict):
-        raise ValueError(f"model.source must be a mapping with a 'kind' key, got {source!r}")
+        raise ConfigError(f"model.source must be a mapping with a 'kind' key, got {source!r}")
     kind = source.get("kind")
     if kind not in SOURCE_KINDS:
         raise ValueError(f"model.source.kind={kind!r} is not supported; "
@@ -168,7 +169,7 @@ def validate_source(source: dict) -> str:
             raise ValueError(f"model.source.{key} is required for model.source.kind={kind!r}")
     unknown = sorted(set(source) - _SOURCE_KEYS[kind])
     if unknown:
-        raise ValueError(f"unknown key(s) model.source.{', model.source.'.join(unknown)} for "
+        raise ConfigError(f"unknown key(s) model.source.{', model.source.'.join(unknown)} for "
                          f"model.source.kind={kind!r}; allowed keys: {', '.join(sorted(_SOURCE_KEYS[kind]))}")
     if "dtype" in source and source["dtype"] not in (*DTYPES, "auto"):
         raise ValueError(f"model.source.dtype={source['dtype']!r} is not supported; "

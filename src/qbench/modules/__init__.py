@@ -6,23 +6,17 @@ import re
 
 from torch import nn
 
-from .qlinear import ActQuantLinear, QuantLinear
-
-#: class name → class, for rebuilding modules from a checkpoint manifest. Methods that add module
-#: types register them with :func:`register_module_type`.
-MODULE_TYPES: dict[str, type[nn.Module]] = {"QuantLinear": QuantLinear, "ActQuantLinear": ActQuantLinear}
+# Every module type, imported so that each registers itself (see :mod:`.registry`).
+from .bcq_linear import BCQLinear  # noqa: F401
+from .int8_linear import Int8Linear  # noqa: F401
+from .kv_codebooks import KVCodebooks  # noqa: F401
+from .qlinear import ActQuantLinear, QuantLinear  # noqa: F401
+from .registry import MODULE_TYPES, is_quantized_module, register_module_type  # noqa: F401
+from .sdr_linear import SDRActLinear, SDRLinear  # noqa: F401
+from .spqr_linear import SpQRLinear  # noqa: F401
 
 #: Decoder-block linear layers (the ones papers quantize); embeddings and lm_head stay in 16 bits.
 BLOCK_LINEAR = re.compile(r"(^|\.)layers\.\d+\.")
-
-
-def register_module_type(cls: type[nn.Module]) -> type[nn.Module]:
-    MODULE_TYPES[cls.__name__] = cls
-    return cls
-
-
-def is_quantized_module(m: nn.Module) -> bool:
-    return type(m).__name__ in MODULE_TYPES
 
 
 def target_linears(model: nn.Module, skip: list[str] | tuple = (), include_quantized: bool = False

@@ -24,8 +24,9 @@ from torch import nn
 
 from ..quant.bcq import BCQResult, bcq_dequantize, pack_planes, unpack_planes
 from ..quant.packing import packed_words
-from . import register_module_type
+from ..errors import ConfigError
 from .backend import REFERENCE, kernels_for
+from .registry import register_module_type
 
 _OFFSET_DTYPES = {16: torch.float16, 32: torch.float32}
 
@@ -39,7 +40,7 @@ class BCQLinear(DequantCache, nn.Module):
                  offset_bits: int = 0, bias: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
         if offset_bits not in (0, 16, 32):
-            raise ValueError(f"offset_bits={offset_bits}: allowed values are 0, 16, 32")
+            raise ConfigError(f"offset_bits={offset_bits}: allowed values are 0, 16, 32")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.offset_bits = bits, group_size, offset_bits
         g = in_features if group_size in (-1, 0) else group_size

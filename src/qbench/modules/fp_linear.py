@@ -23,7 +23,7 @@ from torch import nn
 
 from ..quant.fp import SCHEMES, dequantize_scheme, fake_quant_scheme, quantize_scheme
 from ..quant.packing import pack, packed_words, unpack
-from . import register_module_type
+from .registry import register_module_type
 from .qlinear import DequantCache
 
 A_GRANULARITIES = ("per_token", "per_tensor")

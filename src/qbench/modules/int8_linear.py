@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import REFERENCE, kernels_for
+from .registry import register_module_type
 
 __all__ = ["Int8Linear", "quantize_rowwise_int8"]
 
@@ -58,6 +59,7 @@ def quantize_rowwise_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale.to(torch.float16)
 
 
+@register_module_type
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  threshold: float | None = 6.0, dtype: torch.dtype = torch.float32):
@@ -205,11 +207,3 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, threshold={self.threshold}"
 
-
-def _register() -> None:
-    from . import register_module_type
-
-    register_module_type(Int8Linear)
-
-
-_register()

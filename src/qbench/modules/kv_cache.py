@@ -8,7 +8,7 @@ directly). Usable anywhere a transformers cache is::
     model.generate(ids, past_key_values=cache, max_new_tokens=16)
     cache_nbytes(cache)              # bytes of the tensors the cache holds
 
-    cache_for_model(model)           # the cache a recipe's KV stage asks for (model._qbench_kv)
+    cache_for_model(model)           # the cache the model's KV stage bound (qbench.modules.kv_binding)
 
 Layouts (per decoder layer; ``B`` batch, ``H`` KV heads, ``D`` head dim, ``C = H*D``, ``G`` group
 size; codes packed with :func:`qbench.quant.packing.pack`'s layout, int32 words):
@@ -44,106 +44,26 @@ to the quantized cache contents.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from ..quant.kv import (
     apply_rope, dequant_groups, invert_rope, k_to_rows, kivi_quant_lengths, kivi_v_group,
     kvq_dequant_k, kvq_dequant_v, kvq_quant_k, kvq_quant_v, n_value_outliers, pack_codes,
     packed_nbytes, quant_groups, rows_to_k, rows_to_v, unpack_codes, v_to_rows,
 )
-from . import register_module_type
+from .kv_base import QuantLayer as _QuantLayer
+from .kv_base import is_served, mark_served as _mark_served, n_cache_layers as _n_layers
+from .kv_binding import cache_for_model
+from .kv_codebooks import KVCodebooks
+from ..errors import ConfigError
 
 __all__ = [
     "KIVILayer", "KIVICache", "KVQuantLayer", "KVQuantCache", "KVCodebooks",
-    "cache_nbytes", "expected_nbytes", "kivi_expected_nbytes", "kvquant_expected_nbytes",
-    "fp16_nbytes", "cache_for_model", "is_served",
+    "cache_nbytes", "kivi_expected_nbytes", "kvquant_expected_nbytes",
+    "fp16_nbytes", "cache_for_model", "is_served", "rope_tables", "rope_is_scaled",
 ]
-
-# ----------------------------------------------------------------------------- served tensors
-# K tensors handed to attention by one of our caches: the fake-quant attention hooks of the same
-# methods must not quantize them a second time.
-_SERVED: dict[int, weakref.ref] = {}
-
-
-def _mark_served(k: torch.Tensor) -> None:
-    if len(_SERVED) > 4096:
-        for key in [key for key, r in _SERVED.items() if r() is None]:
-            del _SERVED[key]
-    _SERVED[id(k)] = weakref.ref(k)
-
-
-def is_served(k: torch.Tensor) -> bool:
-    """True when ``k`` is a key tensor returned by a quantized cache of this module."""
-    r = _SERVED.get(id(k))
-    return r is not None and r() is k
-
-
-# ----------------------------------------------------------------------------- base layer
-class _QuantLayer(DynamicLayer):
-    """Shared bookkeeping: sequence length, held tensors, batch re-indexing, offloading."""
-
-    is_croppable = False
-    #: names of the tensors the layer holds and the batch dim of each (None: rows (t, b) CSR)
-    _tensors: dict[str, int | None] = {}
-
-    def __init__(self):
-        super().__init__()
-        self.cumulative_length = 0
-        for n in self._tensors:
-            setattr(self, n, None)
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def held_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in self._tensors if getattr(self, n) is not None}
-
-    def reset(self) -> None:
-        for n in self._tensors:
-            setattr(self, n, None)
-        self.is_initialized = False
-        self.cumulative_length = 0
-
-    def offload(self):
-        for n, t in self.held_tensors().items():
-            setattr(self, n, t.to("cpu", non_blocking=True))
-
-    def prefetch(self):
-        for n, t in self.held_tensors().items():
-            if t.device != self.device:
-                setattr(self, n, t.to(self.device, non_blocking=True))
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove == 0 or not self.is_initialized:
-            return
-        raise ValueError(f"{type(self).__name__} cannot be cropped: quantized tokens cannot be "
-                         "removed individually (use it without assisted decoding)")
-
-    def _take_batch(self, index: torch.Tensor) -> None:
-        for n, dim in self._tensors.items():
-            t = getattr(self, n)
-            if t is not None and dim is not None:
-                setattr(self, n, t.index_select(dim, index.to(t.device)))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            self._take_batch(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            if indices.dtype == torch.bool:
-                indices = indices.nonzero().flatten()
-            self._take_batch(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            b = self.keys.shape[0]
-            self._take_batch(torch.arange(b).repeat_interleave(repeats))
-
 
 # ----------------------------------------------------------------------------- KIVI
 class KIVILayer(_QuantLayer):
@@ -157,12 +77,12 @@ class KIVILayer(_QuantLayer):
         super().__init__()
         for name, b in (("k_bits", k_bits), ("v_bits", v_bits)):
             if b not in (1, 2, 4, 8, 16):
-                raise ValueError(f"{name}={b}: allowed values are 2, 4, 8, 16")
+                raise ConfigError(f"{name}={b}: allowed values are 2, 4, 8, 16")
         if group_size <= 0 or group_size % 32:
-            raise ValueError(f"group_size={group_size}: must be a positive multiple of 32 "
+            raise ConfigError(f"group_size={group_size}: must be a positive multiple of 32 "
                              "(K codes are packed along tokens in 32-value words)")
         if residual < 0:
-            raise ValueError(f"residual={residual}: must be >= 0")
+            raise ConfigError(f"residual={residual}: must be >= 0")
         self.k_bits, self.v_bits, self.group_size, self.residual = k_bits, v_bits, group_size, residual
         self.prefill_with_quant = prefill_with_quant
         self.n_kq = self.n_vq = 0
@@ -239,17 +159,6 @@ class KIVILayer(_QuantLayer):
         return k, v
 
 
-def _n_layers(config) -> int:
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    cfg = config.get_text_config(decoder=True)
-    types, _ = get_layer_types_and_kwargs(cfg)
-    bad = sorted(set(types) - {"full_attention"})
-    if bad:
-        raise ValueError(f"quantized KV caches support full-attention layers only; this model has {bad}")
-    return cfg.num_hidden_layers
-
-
 class KIVICache(Cache):
     """KIVI cache: K per-channel / V per-token asymmetric integers + an fp residual window."""
 
@@ -262,49 +171,6 @@ class KIVICache(Cache):
 
 
 # ----------------------------------------------------------------------------- KVQuant
-@register_module_type
-class KVCodebooks(nn.Module):
-    """KVQuant's learned parameters for every layer, as fp16 buffers (saved in checkpoints):
-
-    * ``k_levels [L, C, 2^b]``: per-layer, per-channel pre-RoPE K codebooks (raw units, sorted);
-    * ``k_lo, k_hi [L, C]``: per-channel outlier thresholds (values outside are kept sparse);
-    * ``v_levels [L, 2^b]``: per-layer V codebooks in the per-token normalized domain [-1, 1].
-    """
-
-    def __init__(self, n_layers: int, n_channels: int, bits: int, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.n_layers, self.n_channels, self.bits = n_layers, n_channels, bits
-        k = 2**bits
-        self.register_buffer("k_levels", torch.zeros(n_layers, n_channels, k, dtype=torch.float16))
-        self.register_buffer("k_lo", torch.zeros(n_layers, n_channels, dtype=torch.float16))
-        self.register_buffer("k_hi", torch.zeros(n_layers, n_channels, dtype=torch.float16))
-        self.register_buffer("v_levels", torch.zeros(n_layers, k, dtype=torch.float16))
-
-    def meta(self) -> dict:
-        return {"n_layers": self.n_layers, "n_channels": self.n_channels, "bits": self.bits}
-
-    def storage_bits(self) -> int:
-        return sum(b.numel() * 16 for b in self.buffers())
-
-    def layer(self, i: int) -> dict[str, torch.Tensor]:
-        return {"k_levels": self.k_levels[i], "k_lo": self.k_lo[i], "k_hi": self.k_hi[i],
-                "v_levels": self.v_levels[i]}
-
-    def _apply(self, fn, recurse=True):
-        # The codebooks are part of the quantized format: a model-wide cast must not touch them.
-        out = super()._apply(fn, recurse)
-        for n, b in list(self._buffers.items()):
-            if b is not None and b.dtype != torch.float16:
-                self._buffers[n] = b.half()
-        return out
-
-    def forward(self, *a, **k):  # pragma: no cover - a parameter holder, never called
-        raise RuntimeError("KVCodebooks holds KVQuant parameters and is not callable")
-
-    def extra_repr(self) -> str:
-        return f"layers={self.n_layers}, channels={self.n_channels}, bits={self.bits}"
-
-
 def rope_tables(rotary_emb: nn.Module, like: torch.Tensor, start: int, end: int):
     """``(cos, sin)`` ``[1, end-start, D]`` of the model's rotary embedding at positions start..end-1."""
     pos = torch.arange(start, end, device=like.device).unsqueeze(0)
@@ -444,7 +310,9 @@ class KVQuantCache(Cache):
         super().__init__(layers=layers)
 
     @classmethod
-    def from_model(cls, model: nn.Module, **overrides) -> "KVQuantCache":
+    def from_model(cls, model: nn.Module, *, outlier_fraction: float = 0.01, first_fp16: int = 1,
+                   prefill_with_quant: bool = False) -> "KVQuantCache":
+        """The cache of a model holding KVQuant codebooks (``model.qbench_kvquant``)."""
         from ..models.adapters import get_rotary_emb
 
         cb = getattr(model, "qbench_kvquant", None)
@@ -455,37 +323,8 @@ class KVQuantCache(Cache):
         if rot is None:
             raise ValueError(f"{type(model).__name__}: no model-level rotary embedding; KVQuant's "
                              "pre-RoPE keys need one")
-        kv = getattr(model, "_qbench_kv", {}) or {}
-        cfg = kv.get("config")
-        args = {"outlier_fraction": getattr(cfg, "outlier_fraction", 0.01),
-                "first_fp16": getattr(cfg, "first_fp16", 1),
-                "prefill_with_quant": getattr(cfg, "prefill_with_quant", False)}
-        args.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(cb, rot, **args)
-
-
-# ----------------------------------------------------------------------------- factory
-def cache_for_model(model: nn.Module, *, prefill_with_quant: bool | None = None) -> Cache:
-    """The cache a model's KV stage asks for: ``KIVICache``/``KVQuantCache`` from
-    ``model._qbench_kv`` (set by the methods' ``attach``), else a plain ``DynamicCache``.
-    ``prefill_with_quant`` overrides the recipe's setting when not None."""
-    from transformers import DynamicCache
-
-    kv = getattr(model, "_qbench_kv", None)
-    if not kv:
-        return DynamicCache(config=model.config)
-    cfg = kv["config"]
-    if kv["method"] == "kivi":
-        pwq = cfg.prefill_with_quant if prefill_with_quant is None else prefill_with_quant
-        return KIVICache(model.config, k_bits=cfg.k_bits, v_bits=cfg.v_bits, group_size=cfg.group_size,
-                         residual=cfg.residual, prefill_with_quant=pwq)
-    if kv["method"] == "kvquant":
-        return KVQuantCache.from_model(model, prefill_with_quant=prefill_with_quant)
-    if kv["method"] == "qrazor_kv":
-        from .qrazor_kv_cache import qrazor_kv_cache_for_model
-
-        return qrazor_kv_cache_for_model(model, prefill_with_quant=prefill_with_quant)
-    raise ValueError(f"unknown KV method {kv['method']!r}")
+        return cls(cb, rot, outlier_fraction=outlier_fraction, first_fp16=first_fp16,
+                   prefill_with_quant=prefill_with_quant)
 
 
 # ----------------------------------------------------------------------------- bytes
@@ -554,28 +393,3 @@ def kvquant_expected_nbytes(n_tokens: int, *, bits: int, n_layers: int, n_kv_hea
     if k_outliers is None:
         k_outliers = int(round(outlier_fraction * n_layers * batch * tq * c))
     return total + k_outliers * 4  # K outliers: int16 index + fp16 value
-
-
-def expected_nbytes(cfg, n_tokens: int, *, model_config=None, n_layers: int | None = None,
-                    n_kv_heads: int | None = None, head_dim: int | None = None, batch: int = 1,
-                    fp_bytes: int = 2, k_outliers: int | None = None) -> int:
-    """Layout formula for the cache of a KV method config (``kivi`` or ``kvquant`` ``Config``);
-    dimensions from ``model_config`` or given explicitly."""
-    if model_config is not None:
-        tc = model_config.get_text_config(decoder=True)
-        n_layers = n_layers or tc.num_hidden_layers
-        n_kv_heads = n_kv_heads or (getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads)
-        head_dim = head_dim or (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
-    dims = {"n_layers": n_layers, "n_kv_heads": n_kv_heads, "head_dim": head_dim, "batch": batch,
-            "fp_bytes": fp_bytes}
-    if hasattr(cfg, "k_bits"):
-        return kivi_expected_nbytes(n_tokens, k_bits=cfg.k_bits, v_bits=cfg.v_bits,
-                                    group_size=cfg.group_size, residual=cfg.residual, **dims)
-    if hasattr(cfg, "outlier_fraction"):
-        return kvquant_expected_nbytes(n_tokens, bits=cfg.bits, outlier_fraction=cfg.outlier_fraction,
-                                       first_fp16=cfg.first_fp16, k_outliers=k_outliers, **dims)
-    if hasattr(cfg, "kv_bits"):
-        from .qrazor_kv_cache import qrazor_kv_expected_nbytes
-
-        return qrazor_kv_expected_nbytes(cfg, n_tokens, **dims)
-    raise TypeError(f"expected_nbytes: {type(cfg).__name__} is not a KV method config")

@@ -25,6 +25,7 @@ from torch import nn
 from ..quant.packing import pack, packed_words, unpack
 from .backend import REFERENCE, kernels_for
 from ..quant.uniform import WeightQuantSpec, dequantize_weight, fake_quantize_activation
+from .registry import register_module_type
 
 
 class ActQuantMixin:
@@ -89,6 +90,7 @@ class DequantCache:
         return out
 
 
+@register_module_type
 class QuantLinear(DequantCache, nn.Module, ActQuantMixin):
     _keep_dtype = ("scales",)
 
@@ -207,6 +209,7 @@ class QuantLinear(DequantCache, nn.Module, ActQuantMixin):
                 f"group_size={self.group_size}, sym={self.sym}, a_bits={self.a_bits}")
 
 
+@register_module_type
 class ActQuantLinear(nn.Linear, ActQuantMixin):
     """A dense (unquantized-weight) linear layer with dynamic activation quantization (WxA8 with
     16-bit weights, or as the carrier for methods that only touch activations)."""

@@ -42,16 +42,18 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from transformers.cache_utils import Cache
 
 from ..quant.kv import pack_codes, packed_nbytes, unpack_codes
 from ..quant.sdr import base_quantize, flag_bits, sdr_decode, sdr_encode
-from .kv_cache import _mark_served, _n_layers, _QuantLayer
+from .kv_base import QuantLayer as _QuantLayer
+from .kv_base import mark_served as _mark_served, n_cache_layers as _n_layers
+from .kv_binding import kv_dims_of_config
+from ..errors import ConfigError
 
 __all__ = [
     "QRazorKVLayer", "QRazorKVCache", "qkv_scale", "qkv_encode", "qkv_decode", "qrazor_kv_fake_quant",
-    "qrazor_kv_expected_nbytes", "qrazor_kv_cache_for_model", "flag_chunk_tokens",
+    "qrazor_kv_expected_nbytes", "flag_chunk_tokens",
 ]
 
 K_GRANULARITIES = ("per_channel", "per_token")
@@ -118,13 +120,13 @@ class QRazorKVLayer(_QuantLayer):
                  prefill_with_quant: bool = False):
         super().__init__()
         if not 2 <= kv_bits <= 8 or kv_bits > base_bits:
-            raise ValueError(f"kv_bits={kv_bits}: allowed 2..min(8, base_bits={base_bits})")
+            raise ConfigError(f"kv_bits={kv_bits}: allowed 2..min(8, base_bits={base_bits})")
         if base_bits not in (8, 16):
-            raise ValueError(f"base_bits={base_bits}: allowed values are 8, 16")
+            raise ConfigError(f"base_bits={base_bits}: allowed values are 8, 16")
         if k_granularity not in K_GRANULARITIES:
-            raise ValueError(f"k_granularity={k_granularity!r}: allowed {K_GRANULARITIES}")
+            raise ConfigError(f"k_granularity={k_granularity!r}: allowed {K_GRANULARITIES}")
         if group_size < 1 or k_block < 1:
-            raise ValueError(f"group_size={group_size}, k_block={k_block}: must be >= 1")
+            raise ConfigError(f"group_size={group_size}, k_block={k_block}: must be >= 1")
         self.bits, self.group_size, self.base_bits = kv_bits, group_size, base_bits
         self.k_granularity, self.k_block = k_granularity, k_block
         self.prefill_with_quant = prefill_with_quant
@@ -251,13 +253,6 @@ def _settings(cfg) -> dict:
             "k_granularity": cfg.k_granularity, "k_block": cfg.k_block}
 
 
-def qrazor_kv_cache_for_model(model: nn.Module, *, prefill_with_quant: bool | None = None) -> QRazorKVCache:
-    """The cache of a model whose ``_qbench_kv`` was set by ``qrazor_kv``'s ``attach``."""
-    cfg = model._qbench_kv["config"]
-    pwq = cfg.prefill_with_quant if prefill_with_quant is None else prefill_with_quant
-    return QRazorKVCache(model.config, prefill_with_quant=pwq, **_settings(cfg))
-
-
 # ----------------------------------------------------------------------------- bytes
 def qrazor_kv_expected_nbytes(cfg, n_tokens: int, model_config=None, fp_bytes: int = 2, *,
                               n_layers: int | None = None, n_kv_heads: int | None = None,
@@ -265,10 +260,8 @@ def qrazor_kv_expected_nbytes(cfg, n_tokens: int, model_config=None, fp_bytes: i
     """Bytes a :class:`QRazorKVCache` holds after ``n_tokens`` tokens (``cfg``: a ``qrazor_kv``
     Config; dimensions from ``model_config`` or given)."""
     if model_config is not None:
-        tc = model_config.get_text_config(decoder=True)
-        n_layers = n_layers or tc.num_hidden_layers
-        n_kv_heads = n_kv_heads or (getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads)
-        head_dim = head_dim or (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
+        dl, dh, dd = kv_dims_of_config(model_config)
+        n_layers, n_kv_heads, head_dim = n_layers or dl, n_kv_heads or dh, head_dim or dd
     h, d, t = n_kv_heads, head_dim, n_tokens
     c = h * d
     ng = c // cfg.group_size

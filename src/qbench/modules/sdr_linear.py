@@ -26,7 +26,8 @@ from torch import nn
 
 from ..quant.packing import pack, packed_words, unpack
 from ..quant.sdr import base_quantize, base_scale, flag_bits, sdr_encode, sdr_fake_quant
-from . import register_module_type
+from .registry import register_module_type
+from ..errors import ConfigError
 
 
 class SDRActMixin:
@@ -62,7 +63,7 @@ class SDRLinear(DequantCache, nn.Module, SDRActMixin):
         if in_features % group_size:
             raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
         if w_granularity not in ("per_channel", "per_tensor"):
-            raise ValueError(f"w_granularity={w_granularity!r}: allowed 'per_channel', 'per_tensor'")
+            raise ConfigError(f"w_granularity={w_granularity!r}: allowed 'per_channel', 'per_tensor'")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.base_bits = bits, group_size, base_bits
         self.w_granularity = w_granularity

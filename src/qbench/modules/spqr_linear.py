@@ -29,7 +29,7 @@ from .qlinear import DequantCache
 from torch import nn
 
 from ..quant.packing import pack, packed_words, unpack
-from . import register_module_type
+from .registry import register_module_type
 
 __all__ = ["SpQRLinear", "dequantize_stats", "qdq_codes", "index_dtype"]
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .packing import pack, unpack
+from ..errors import ConfigError
 
 __all__ = [
     "BCQResult", "BCQ_METHODS", "bcq_quantize", "greedy", "refine_alpha", "search_binary",
@@ -221,7 +222,7 @@ def bcq_quantize(w: torch.Tensor, bits: int, group_size: int = -1, method: str =
     ``rounds`` is used by ``alternating`` only (number of (α, B) alternations after greedy).
     """
     if method not in BCQ_METHODS:
-        raise ValueError(f"method={method!r}: allowed values are {', '.join(BCQ_METHODS)}")
+        raise ConfigError(f"method={method!r}: allowed values are {', '.join(BCQ_METHODS)}")
     if not 1 <= bits <= 8:
         raise ValueError(f"bits={bits}: BCQ supports 1..8 bits")
     out_f, in_f = w.shape

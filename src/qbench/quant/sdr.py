@@ -38,6 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 __all__ = [
     "GRANULARITIES", "flag_bits", "max_shift", "sdr_quantize", "sdr_encode", "sdr_decode",
     "base_scale", "base_quantize", "sdr_fake_quant", "effective_bits",
@@ -88,7 +90,7 @@ def sdr_encode(x_int: torch.Tensor, bits: int, group_size: int
     if not 2 <= bits <= 8:
         raise ValueError(f"bits={bits}: razoring keeps 2..8 bits (sign + magnitude)")
     if group_size < 1:
-        raise ValueError(f"group_size={group_size}: must be ≥ 1")
+        raise ConfigError(f"group_size={group_size}: must be ≥ 1")
     xi = x_int.to(torch.int64)
     xp, n = _pad_last(xi, group_size)
     lead = xp.shape[:-1]
@@ -125,7 +127,7 @@ def base_scale(x: torch.Tensor, base_bits: int, granularity: str = "per_token",
                fp16: bool = False) -> torch.Tensor:
     """Absmax scale (broadcastable to ``x``) so that ``round(x/scale)`` fits ``base_bits``."""
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r}: allowed values are "
+        raise ConfigError(f"granularity={granularity!r}: allowed values are "
                          f"{', '.join(GRANULARITIES)}")
     xf = x.float().abs()
     if granularity == "per_tensor":

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+
 __all__ = [
     "WeightQuantSpec",
     "compute_qparams",
@@ -37,7 +39,7 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 
 def check_bits(bits: int, key: str = "bits", lo: int = 2, hi: int = 8) -> int:
     if not isinstance(bits, int) or isinstance(bits, bool) or not lo <= bits <= hi:
-        raise ValueError(f"{key}={bits!r}: allowed values are integers {lo}..{hi}")
+        raise ConfigError(f"{key}={bits!r}: allowed values are integers {lo}..{hi}")
     return bits
 
 
@@ -178,6 +180,6 @@ def fake_quantize_activation(
         xmin = xf.amin() * clip_ratio
         xmax = xf.amax() * clip_ratio
     else:
-        raise ValueError(f"a_granularity={granularity!r}: allowed values are 'per_token', 'per_tensor'")
+        raise ConfigError(f"a_granularity={granularity!r}: allowed values are 'per_token', 'per_tensor'")
     scale, zero = compute_qparams(xmin, xmax, bits, sym)
     return fake_quantize(xf, scale, zero, bits).to(x.dtype)

@@ -9,10 +9,13 @@ from pathlib import Path
 import pandas as pd
 
 from .speed import SPEED_FILES, speed_section
+from ..descriptor import FAMILIES as DESCRIPTOR_FAMILIES
+from ..descriptor import Descriptor, describe_stages
+from ..methods.base import describe_recipe, stage_descriptors  # noqa: F401 - describe_recipe: compat
 
-KV_METHODS = ("kivi", "kvquant", "qrazor_kv")
-ACT_METHODS = ("smoothquant", "llm_int8", "zeroquant")  # the seed tables them as W/A methods
-FAMILIES = ("weight-only", "weight-activation", "KV cache")
+FAMILIES = DESCRIPTOR_FAMILIES
+#: the descriptor columns every recipe row has, in table order (stage-declared ``columns`` follow KV)
+HEADLINE = ("family", "method", "W", "A", "KV")
 
 
 def _pyplot():
@@ -25,43 +28,21 @@ def _pyplot():
     return plt
 
 
-def describe_recipe(stages: list[dict]) -> dict:
-    """Method label and headline knobs of a resolved recipe."""
-    if not stages:
-        return {"method": "fp (baseline)", "W": 16, "A": 16, "group": "-", "family": "baseline"}
-    names, out = [], {"W": 16, "A": 16, "group": "-"}
-    for st in stages:
-        (name, args), = st.items()
-        names.append(name)
-        w_bits = args.get("w_bits")
-        if name == "zeroquant":  # per-module weight bits: "MLP/attention" like the seed's W4/8
-            mlp, attn = args.get("w_bits_mlp", 8), args.get("w_bits_attn", 8)
-            w_bits = mlp if mlp == attn else f"{mlp}/{attn}"
-        elif name == "llm_int8":
-            w_bits = 8
-        if w_bits is not None and (not isinstance(w_bits, int) or w_bits < 16):
-            out["W"] = w_bits
-            g = next((args[k] for k in ("group_size", "groupsize", "w_group_size") if k in args), -1)
-            out["group"] = "channel" if g == -1 else ("tensor" if g == 0 else g)
-        if name == "attn_quant":
-            out["QS"] = f"Q{args.get('q_bits', 16)}S{args.get('s_bits', 16)}"
-        if args.get("a_bits", 16) < 16:
-            out["A"] = args["a_bits"]
-        if name == "smoothquant":
-            out["alpha"] = args.get("alpha")
-        if name in KV_METHODS or args.get("k_bits", 16) < 16 or args.get("kv_bits", 16) < 16:
-            out["KV"] = args.get("k_bits", args.get("bits", args.get("kv_bits")))
-        if name in ACT_METHODS:
-            out["A"] = args.get("a_bits", 8) if name != "smoothquant" else out["A"]
-    out["method"] = " → ".join(names)
-    out["family"] = ("KV cache" if "KV" in out else
-                     "weight-activation" if (out["A"] < 16 or any(n in ACT_METHODS for n in names)) else
-                     "weight-only")
+def describe_record(rec: dict) -> dict:
+    """A record's row labels (family, method, W, A, KV, group, declared columns and knobs) from
+    the stage descriptors it carries; records written before descriptors existed are described
+    from their resolved recipe through the method registry."""
+    stages = (rec.get("descriptor") or {}).get("stages")
+    if stages is None:
+        stages = stage_descriptors(rec.get("recipe_resolved", []), "record.recipe_resolved")
+    out = describe_stages([(d["method"], Descriptor.from_dict(d)) for d in stages])
+    out["extra_columns"] = ",".join(dict.fromkeys(k for d in stages for k in d.get("columns") or {}))
     return out
 
 
 def _outlier_per_layer(rec: dict) -> str | None:
-    """LLM.int8() outlier-dimension fractions per layer (from the quantize stage's statistics)."""
+    """Outlier-dimension fractions per layer, from a quantize stage's per-layer statistics
+    (``per_layer.<layer>.mean_outlier_frac``, reported by outlier-decomposing methods)."""
     for st in rec.get("quantize_stages") or []:
         per = st.get("per_layer") if isinstance(st, dict) else None
         if isinstance(per, dict) and per and all(isinstance(v, dict) and "mean_outlier_frac" in v
@@ -109,7 +90,7 @@ def load_records(paths, *, manifests: dict | None = None, card: str | Path | dic
             "git_commit": rec.get("provenance", {}).get("git_commit"),
             "recipe_hash": rec.get("recipe_hash"),
             "outlier_frac": _outlier_per_layer(rec),
-            **describe_recipe(rec.get("recipe_resolved", [])),
+            **describe_record(rec),
         }
         mpath = _manifest_for(Path(p), rec.get("recipe"), manifests) if card else None
         if mpath is not None:
@@ -141,8 +122,9 @@ def perplexity_table(df: pd.DataFrame, recipe_order: list[str] | None = None) ->
     if d.empty:
         return pd.DataFrame()
     wide = _ppl_wide(d)
-    cols = [c for c in ("family", "method", "W", "A", "KV", "QS", "group", "effective_bits", "weight_MiB",
-                        "quantize_seconds") if c in d.columns]
+    declared = _declared_columns(d)
+    cols = [c for c in (*HEADLINE, *declared, "group", "effective_bits", "weight_MiB", "quantize_seconds")
+            if c in d.columns]
     meta = d.groupby("recipe").first()[cols]
     t = meta.join(wide)
     order = [r for r in (recipe_order or []) if r in t.index] + sorted(set(t.index) - set(recipe_order or []))
@@ -150,6 +132,14 @@ def perplexity_table(df: pd.DataFrame, recipe_order: list[str] | None = None) ->
         "recipe": "recipe", "effective_bits": "bits/weight", "quantize_seconds": "quant time (s)",
         "weight_MiB": "weights (MiB)"})
     return t
+
+
+def _declared_columns(d: pd.DataFrame) -> list[str]:
+    """Extra columns the recipes' stage descriptors declare (e.g. ``QS``), in first-seen order."""
+    if "extra_columns" not in d:
+        return []
+    names = (n for v in d["extra_columns"].dropna() for n in str(v).split(",") if n)
+    return [n for n in dict.fromkeys(names) if n not in HEADLINE]
 
 
 def kv_table(df: pd.DataFrame, recipe_order: list[str] | None = None) -> pd.DataFrame:
@@ -200,7 +190,8 @@ def plot_needle(df: pd.DataFrame, out_png: str | Path, recipe_order: list[str] |
 
 
 def plot_alpha_sweep(df: pd.DataFrame, out_png: str | Path) -> bool:
-    """SmoothQuant migration strength α vs perplexity (one line per corpus and W/A setting)."""
+    """Migration strength α (the ``alpha`` descriptor knob) vs perplexity (one line per corpus
+    and W/A setting)."""
     plt = _pyplot()
 
     if "alpha" not in df:
@@ -215,7 +206,7 @@ def plot_alpha_sweep(df: pd.DataFrame, out_png: str | Path) -> bool:
         ax.plot(g["alpha"], g["ppl"], "o-", label=f"W{w}A{a} {corpus}")
     ax.set_xlabel("migration strength α")
     ax.set_ylabel("perplexity")
-    ax.set_title("SmoothQuant α sweep")
+    ax.set_title("migration strength α sweep")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -225,7 +216,7 @@ def plot_alpha_sweep(df: pd.DataFrame, out_png: str | Path) -> bool:
 
 
 def plot_outliers(df: pd.DataFrame, out_png: str | Path) -> bool:
-    """Fraction of activation dimensions above the LLM.int8() threshold, per layer."""
+    """Fraction of activation dimensions above the outlier threshold, per layer."""
     plt = _pyplot()
 
     if "outlier_frac" not in df:
@@ -241,7 +232,7 @@ def plot_outliers(df: pd.DataFrame, out_png: str | Path) -> bool:
             ax.plot(range(len(items)), [100 * v for _, v in items], marker=".", label=f"{r['recipe']} {kind}")
     ax.set_xlabel("decoder block")
     ax.set_ylabel("outlier dims per token (%)")
-    ax.set_title("LLM.int8(): input dimensions above the threshold, per layer")
+    ax.set_title("input dimensions above the outlier threshold, per layer")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -509,7 +500,7 @@ REPORT_FILES = {  # output key → path under reports/{model}/
 
 
 def alpha_table(df: pd.DataFrame) -> pd.DataFrame:
-    """SmoothQuant α sweep: perplexity per corpus for each (W, A, α)."""
+    """Migration-strength sweep: perplexity per corpus for each (W, A, α)."""
     if "alpha" not in df:
         return pd.DataFrame()
     d = df[(df["kind"] == "ppl") & df["alpha"].notna()]
@@ -570,9 +561,9 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
     at = alpha_table(df)
     at_md = to_markdown(at)
     paths["alpha_md"].write_text(at_md)
-    alpha_fig = fig("alpha_png", plot_alpha_sweep(df, paths["alpha_png"]), "SmoothQuant α sweep")
+    alpha_fig = fig("alpha_png", plot_alpha_sweep(df, paths["alpha_png"]), "migration strength α sweep")
     outliers_fig = fig("outliers_png", plot_outliers(df, paths["outliers_png"]),
-                       "LLM.int8() outlier dimensions per layer")
+                       "outlier dimensions per layer")
 
     tt = tasks_table(df, recipe_order)
     tasks_md = to_markdown(tt)
@@ -617,8 +608,12 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "last block's hidden states to the fp model (per-layer CSVs and plots: "
         f"`results/{model}/<recipe>/eval/stats/`).", "", stats_md, distance_fig, "",
         *speed_lines,
-        "## SmoothQuant α sweep", "", at_md, alpha_fig, "",
-        "## LLM.int8() outlier dimensions", "", outliers_fig, "",
+        "## Migration strength α sweep", "",
+        "Perplexity of the recipes that declare a smoothing migration strength α, grouped by W/A.", "",
+        at_md, alpha_fig, "",
+        "## Outlier dimensions", "",
+        "Share of input dimensions above the outlier threshold per token, per layer (recipes whose "
+        "stages decompose outliers).", "", outliers_fig, "",
         f"Records: {len(df)} (one JSON per recipe × evaluation under `results/{model}/`, each with its "
         f"resolved recipe, calibration hashes, package versions and commit); "
         f"qbench commit(s): {', '.join(commits) or 'unknown'}.", "",
