@@ -107,6 +107,9 @@ def load_checkpoint(path: str | Path, *, dtype: str = "float32", device: str = "
 
     path = Path(path)
     manifest = read_manifest(path)
+    # parsing the recipe loads the method registry (and plugins), whose modules register the
+    # module types the manifest names
+    stages = parse_recipe(manifest["recipe"], "checkpoint.recipe")
     config = AutoConfig.from_pretrained(path)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[manifest.get("dtype", "float32")])
@@ -132,7 +135,7 @@ def load_checkpoint(path: str | Path, *, dtype: str = "float32", device: str = "
     model.tie_weights()
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     if attach_runtime:
-        for st in parse_recipe(manifest["recipe"], "checkpoint.recipe"):
+        for st in stages:
             m = get_method(st.method)
             if m.runtime:
                 m.attach(model, st.config)

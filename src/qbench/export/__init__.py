@@ -11,6 +11,7 @@ with the checkpoint's dequantized weights; the comparison lands in the export ma
 
 from __future__ import annotations
 
-from .common import EXPORT_MANIFEST, FORMATS, ExportError, export_checkpoint
+from .common import EXPORT_MANIFEST, FORMATS, ExportError
+from .run import export_checkpoint
 
 __all__ = ["export_checkpoint", "ExportError", "FORMATS", "EXPORT_MANIFEST"]

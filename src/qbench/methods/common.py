@@ -3,27 +3,32 @@
 * uniform-integer weights (+ dynamic activations): :class:`WeightActArgs` (the config fields of
   RTN, GPTQ and AWQ), group-size checks, fp16 qparams, building a :class:`QuantLinear`;
 * model plumbing: :func:`module_name`;
+* GPTQ over a model (:class:`GPTQArgs`, :func:`gptq_model`), used by GPTQ and mixed precision;
 * KV-cache methods: :func:`kv_dims`, :func:`check_full_attention`.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..calib.blockwise import BlockInputs, get_decoder_layers, run_blockwise
+from ..calib.hessian import HessianCollector, sequential_groups
 from ..modules import attention as attn
 from ..modules import set_module, target_linears
 from ..modules.kv_binding import kv_dims_of_config
 from ..modules.qlinear import ActQuantLinear, QuantLinear
+from ..quant.gptq import gptq_quantize_weight
 from ..quant.uniform import WeightQuantSpec, compute_qparams
-from .base import ConfigError, Descriptor, MethodConfig, opt
+from .base import CalibArgs, ConfigError, Descriptor, MethodConfig, QuantContext, opt
 
 __all__ = [
     "W_BITS", "A_BITS", "WeightActArgs", "divisor_hint", "check_group_size", "fp16_qparams",
     "make_quant_linear", "finalize_act_only", "uniform_grid", "weight_act_descriptor", "module_name", "kv_dims",
-    "check_full_attention",
+    "check_full_attention", "GPTQArgs", "gptq_model",
 ]
 
 W_BITS = (2, 3, 4, 5, 6, 8, 16)
@@ -131,3 +136,73 @@ def check_full_attention(model: nn.Module, key: str) -> None:
                           f"{type(model).__name__} has layer types {bad}")
     if not attn.attention_modules(model):
         raise ConfigError(f"{key}: {type(model).__name__} has no attention modules to hook")
+
+
+@dataclass
+class GPTQArgs(CalibArgs, WeightActArgs):
+    """The configuration of GPTQ (also what mixed precision hands :func:`gptq_model`)."""
+
+    act_order: bool = opt(False, "process columns by descending Hessian diagonal (needs g_idx for groups)")
+    static_groups: bool = opt(False, "group parameters computed before act-order permutation (no g_idx)")
+    percdamp: float = opt(0.01, "damping, fraction of mean(diag H)", range=(0.0, 1.0))
+    blocksize: int = opt(128, "columns per lazy batch update", range=(1, 1 << 16))
+    true_sequential: bool = opt(True, "quantize q,k,v → o → gate,up → down with re-captured inputs")
+    mse: bool = opt(False, "grid-search the clipping of each group's range (reference Quantizer mse)")
+
+    def validate(self, key: str) -> None:
+        if self.w_bits < 16 and not 2 <= self.w_bits <= 8:
+            raise ConfigError(f"{key}.w_bits={self.w_bits}: allowed values are 2..8 or 16")
+
+
+def gptq_model(model: nn.Module, cfg: GPTQArgs, ctx: QuantContext, *, desc: str, spec_for=None) -> dict:
+    """GPTQ over every target linear of ``model``, block by block. ``spec_for(name)`` gives a
+    layer's :class:`WeightQuantSpec` (default: ``cfg.spec()`` for all; mixed precision passes
+    per-layer bits)."""
+    calib = ctx.calib_tokens(cfg.calib_set(), desc)
+    default_spec = cfg.spec()
+    spec_for = spec_for or (lambda _name: default_spec)
+    targets = target_linears(model, cfg.skip)
+    prefix = module_name(model, get_decoder_layers(model))
+    per_layer: dict[str, dict] = {}
+    repairs: list[dict] = []
+    t0 = time.perf_counter()
+
+    def process(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        bp = f"{prefix}.{i}."
+        names = [n[len(bp):] for n in targets if n.startswith(bp)]
+        groups = sequential_groups(names) if cfg.true_sequential else [names]
+        for group in groups:
+            mods = {rel: block.get_submodule(rel) for rel in group}
+            hc = HessianCollector(mods)
+            try:
+                inputs.run(block, keep_outputs=False, stop_after=list(mods.values()))
+            finally:
+                hc.remove()
+            for rel, lin in mods.items():
+                full = bp + rel
+                H = hc.hessian(rel, lin.in_features, lin.weight.device)
+                spec = spec_for(full)
+                codes, scales, zeros, g_idx, _, st = gptq_quantize_weight(
+                    lin.weight.data, H, spec, cfg.blocksize, cfg.percdamp, cfg.act_order,
+                    cfg.static_groups, mse=cfg.mse)
+                del H
+                per_layer[full] = st
+                if st["dead_columns"] or st["cholesky_retries"] or st["damp"] != cfg.percdamp:
+                    rep = {"layer": full, "damp": st["damp"], "dead_columns": st["dead_columns"]}
+                    if st["damp"] == float("inf"):
+                        rep["fallback"] = "identity Hessian (RTN)"
+                    repairs.append(rep)
+                    ctx.log(f"{desc}: repaired {full}: {rep}")
+                set_module(block, rel, make_quant_linear(lin, codes, scales, zeros, spec,
+                                                         cfg.act(), g_idx=g_idx))
+
+    run_blockwise(model, calib, process, device=ctx.device, progress=ctx.progress, desc=desc)
+    losses = [v["loss"] for v in per_layer.values()]
+    return {
+        "layers": len(per_layer),
+        "calib_tokens": int(calib.numel()),
+        "seconds_quantize": time.perf_counter() - t0,
+        "mean_loss": sum(losses) / len(losses) if losses else 0.0,
+        "loss": {k: v["loss"] for k, v in per_layer.items()},
+        "repairs": [{**r, "damp": (None if r["damp"] == float("inf") else r["damp"])} for r in repairs],
+    }

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..modules import set_module, target_linears
 from ..modules.fp_linear import A_GRANULARITIES, FPLinear
 from ..quant.fp import SCHEMES
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
+from .base import ConfigError, Descriptor, Method, MethodConfig, QuantContext, opt, register
 
 FORMATS = tuple(SCHEMES)
 
@@ -52,6 +52,15 @@ class FPQuant(Method):
 
         def act(self) -> dict:
             return {"a_format": self.a_format, "a_granularity": self.a_granularity}
+
+    def describe(self, cfg: Config) -> Descriptor:
+        w = SCHEMES[cfg.w_format]
+        group = w.block or (-1 if cfg.w_granularity == "per_channel" else 0)
+        quant_a = cfg.a_format != "none"
+        return Descriptor(family="weight-activation" if quant_a else "weight-only", w_bits=w.element.bits,
+                          a_bits=SCHEMES[cfg.a_format].element.bits if quant_a else None, group=group,
+                          grid=cfg.w_format + (f", activations {cfg.a_format}" if quant_a else ""),
+                          storage="FPLinear")
 
     def check(self, model: nn.Module, cfg: Config, key: str) -> None:
         for fld, fmt in (("w_format", cfg.w_format), ("a_format", cfg.a_format)):

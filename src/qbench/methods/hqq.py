@@ -11,56 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modules import register_module_type, set_module, target_linears
-from ..modules.qlinear import QuantLinear
+from ..modules import set_module, target_linears
+from ..modules.hqq_linear import HQQLinear
 from ..quant.hqq import hqq_quantize
-from ..quant.packing import pack
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
-from .rtn import A_BITS, divisor_hint
+from .base import ConfigError, Descriptor, Method, MethodConfig, QuantContext, opt, register
+from .common import A_BITS, divisor_hint
 
 __all__ = ["HQQ", "HQQLinear"]
-
-
-@register_module_type
-class HQQLinear(QuantLinear):
-    """QuantLinear with an fp16 (fractional) zero per group."""
-
-    _keep_dtype = ("scales", "zeros")
-
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 64,
-                 bias: bool = False, a_bits: int = 16, a_granularity: str = "per_token",
-                 a_sym: bool = True, dtype: torch.dtype = torch.float32):
-        super().__init__(in_features, out_features, bits, group_size, sym=False, bias=bias,
-                         a_bits=a_bits, a_granularity=a_granularity, a_sym=a_sym, dtype=dtype)
-        self.register_buffer("zeros", torch.zeros(out_features, self.n_groups, dtype=torch.float16))
-
-    @classmethod
-    def from_hqq(cls, codes, scales, zeros, bits: int, group_size: int, bias=None,
-                 dtype=torch.float32, **act) -> "HQQLinear":
-        out_f, in_f = codes.shape
-        m = cls(in_f, out_f, bits, group_size, bias is not None, dtype=dtype, **act)
-        m.qweight.copy_(pack(codes, bits))
-        m.scales.copy_(scales.to(torch.float16))
-        m.zeros.copy_(zeros.to(torch.float16))
-        if bias is not None:
-            m.bias.copy_(bias.detach().to(dtype))
-        return m
-
-    def meta(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "bits": self.bits, "group_size": self.group_size, "bias": self.bias is not None,
-                **self.act_meta()}
-
-    def zero_points(self) -> torch.Tensor:
-        return self.zeros.float()
-
-    def storage_bits(self) -> int:
-        """Codes + fp16 scale + fp16 zero per group."""
-        return self.in_features * self.out_features * self.bits + self.scales.numel() * 32
 
 
 @register
@@ -93,6 +53,12 @@ class HQQ(Method):
 
         def act(self) -> dict:
             return {"a_bits": self.a_bits, "a_granularity": self.a_granularity, "a_sym": self.a_sym}
+
+    def describe(self, cfg: Config) -> Descriptor:
+        quant_a = cfg.a_bits < 16
+        return Descriptor(family="weight-activation" if quant_a else "weight-only", w_bits=cfg.w_bits,
+                          a_bits=cfg.a_bits, group=cfg.group_size,
+                          grid="uniform-asym, fp16 zero (half-quadratic)", storage="HQQLinear")
 
     def check(self, model, cfg, key):
         if cfg.group_size == -1:

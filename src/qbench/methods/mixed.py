@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 from ..calib.blockwise import BlockInputs, get_decoder_layers, run_blockwise
 from ..modules import set_module, target_linears
 from ..quant.uniform import WeightQuantSpec, dequantize_weight, quantize_weight
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
-from .gptq import GPTQ, HessianCollector, _module_name, gptq_model, need_calibration
-from .rtn import check_group_size, fp16_qparams, make_quant_linear
+from ..calib.hessian import HessianCollector
+from .base import CalibArgs, ConfigError, Descriptor, Method, QuantContext, calib_field, opt, register
+from .common import GPTQArgs, check_group_size, fp16_qparams, gptq_model, make_quant_linear, module_name
 
 __all__ = ["MixedPrecision", "allocate_bits", "layer_bits", "kfac_diagonals", "rtn_error", "MAX_STATES"]
 
@@ -158,7 +158,7 @@ class MixedPrecision(Method):
     kind = "weight"
 
     @dataclass
-    class Config(MethodConfig):
+    class Config(CalibArgs):
         avg_bits: float = opt(3.5, "budget: average stored bits per weight (codes + scales + "
                               "zeros) over the quantized layers", range=(1.0, 16.0))
         bits: list = field(default_factory=lambda: [2, 3, 4, 8],
@@ -172,10 +172,9 @@ class MixedPrecision(Method):
         sym: bool = opt(False, "symmetric (true) or asymmetric (false) weights")
         act_order: bool = opt(True, "GPTQ act-order (with static groups, so no g_idx is stored)")
         percdamp: float = opt(0.01, "GPTQ damping", range=(0.0, 1.0))
-        calib: str = opt("wiki", "calibration corpus (sensitivity and GPTQ)")
-        nsamples: int = opt(16, "calibration sequences", range=(1, 1 << 20))
-        seqlen: int = opt(512, "tokens per calibration sequence", range=(1, 1 << 20))
-        seed: int = opt(0, "calibration sampling seed", range=(0, 2**31 - 1))
+        calib: str = calib_field("calib", doc="calibration corpus (sensitivity and GPTQ)")
+        nsamples: int = calib_field("nsamples", 16)
+        seqlen: int = calib_field("seqlen", 512)
         skip: list = field(default_factory=list,
                            metadata={"doc": "regexes of layer names to leave in 16 bits"})
 
@@ -191,6 +190,12 @@ class MixedPrecision(Method):
         def w_bits(self) -> int:
             return max(self.bits)
 
+    def describe(self, cfg: Config) -> Descriptor:
+        # per-layer widths: the budget is the headline W ("≤3.5"), the candidates the grid
+        return Descriptor(family="weight-only", w_bits=f"≤{cfg.avg_bits:g}", group=cfg.group_size,
+                          grid=("uniform-sym" if cfg.sym else "uniform-asym")
+                          + f", widths {'/'.join(map(str, sorted(cfg.bits)))}", storage="QuantLinear")
+
     def check(self, model, cfg, key):
         check_group_size(model, cfg, key)
         lins = target_linears(model, cfg.skip)
@@ -203,7 +208,7 @@ class MixedPrecision(Method):
     # ------------------------------------------------------------------ sensitivity
     def sensitivity(self, model: nn.Module, cfg: Config, ctx: QuantContext
                     ) -> dict[str, dict[int, float]]:
-        calib = need_calibration(ctx, self.name)(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        calib = ctx.calib_tokens(cfg.calib_set(), self.name)
         targets = target_linears(model, cfg.skip)
         widths = sorted(set(cfg.bits))
         sens: dict[str, dict[int, float]] = {}
@@ -215,7 +220,7 @@ class MixedPrecision(Method):
                 sens[name] = {b: rtn_error(w, A[name], WeightQuantSpec(b, cfg.sym, cfg.group_size),
                                            G[name]) for b in widths}
             return sens
-        prefix = _module_name(model, get_decoder_layers(model))
+        prefix = module_name(model, get_decoder_layers(model))
 
         def process(i: int, block: nn.Module, inputs: BlockInputs) -> None:
             bp = f"{prefix}.{i}."
@@ -264,7 +269,7 @@ class MixedPrecision(Method):
                 set_module(model, name, make_quant_linear(lin, codes, s, z, spec, {}))
             qstats = {}
         else:
-            gcfg = GPTQ.Config(w_bits=max(widths), group_size=cfg.group_size, sym=cfg.sym,
+            gcfg = GPTQArgs(w_bits=max(widths), group_size=cfg.group_size, sym=cfg.sym,
                                act_order=cfg.act_order, static_groups=True,  # no g_idx: the
                                percdamp=cfg.percdamp, calib=cfg.calib,  # budget counts no g_idx
                                nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,

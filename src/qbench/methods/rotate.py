@@ -57,7 +57,7 @@ from ..modules import attention as attn
 from ..modules import target_linears
 from ..quant.hadamard import is_hadamard_order, online_hadamard, random_signs
 from ..quant.uniform import fake_quantize_activation
-from .base import ConfigError, Method, MethodConfig, QuantContext, opt, register
+from .base import ConfigError, Descriptor, Method, MethodConfig, QuantContext, opt, register
 
 __all__ = ["Rotate", "ResidualRotation"]
 
@@ -130,6 +130,13 @@ class Rotate(Method):
         kv_bits: int = opt(16, "K/V bits after rotation (16 = keep)", choices=(2, 3, 4, 8, 16))
         kv_group_size: int = opt(-1, "channels per K/V group (-1 = head_dim)", range=(-1, 1 << 16))
         kv_clip_ratio: float = opt(1.0, "K/V range scale (≤ 1 clips)", range=(0.5, 1.0))
+
+    def describe(self, cfg: Config) -> Descriptor:
+        # a transform; with kv_bits < 16 it also quantizes K/V inside attention (no packed cache)
+        kv = cfg.kv_bits < 16
+        return Descriptor(family="KV cache" if kv else None, kv_bits=cfg.kv_bits if kv else None,
+                          grid=f"{cfg.rotation} rotation" + (", K/V uniform-asym" if kv else ""),
+                          storage=f"K/V fake-quantized in attention ({cfg.kv_bits} bits)" if kv else None)
 
     # ------------------------------------------------------------------ checks
     def check(self, model: nn.Module, cfg: Config, key: str) -> None:

@@ -8,6 +8,8 @@ from torch import nn
 
 # Every module type, imported so that each registers itself (see :mod:`.registry`).
 from .bcq_linear import BCQLinear  # noqa: F401
+from .fp_linear import FPLinear  # noqa: F401
+from .hqq_linear import HQQLinear  # noqa: F401
 from .int8_linear import Int8Linear  # noqa: F401
 from .kv_codebooks import KVCodebooks  # noqa: F401
 from .qlinear import ActQuantLinear, QuantLinear  # noqa: F401
