@@ -3,7 +3,8 @@ import json
 
 import pandas as pd
 
-from qbench.report.tables import build_report, describe_recipe
+from qbench.report.build import build_report
+from qbench.methods.base import describe_recipe
 
 
 def write(tmp, recipe, stages, corpus, ppl, bits):
@@ -80,7 +81,7 @@ def test_pareto_front_and_memory_accounting(tmp_path):
     paths = build_report(recs + [tmp_path / "kv.json"], tmp_path / "out", model="m", card=card)
     assert (tmp_path / "out" / "figures" / "pareto.png").stat().st_size > 20_000
     assert "| w3bad" in (tmp_path / "out" / "tables" / "memory.md").read_text()
-    from qbench.report.tables import build_index
+    from qbench.report.build import build_index
 
     build_index({"m": paths["readme"]}, tmp_path / "README.md")
     index = (tmp_path / "README.md").read_text()

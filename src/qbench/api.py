@@ -24,7 +24,7 @@ from .records import base_record, load_for_eval, pick_device, set_threads, write
 
 
 def _calibration_provider(calib_dirs: dict[str, str], tokens_cache: dict):
-    from .data.corpora import calibration_hash, sample_calibration
+    from .data.tokens import calibration_hash, sample_calibration
 
     def calibration(corpus: str, n: int, seqlen: int, seed: int) -> torch.Tensor:
         if corpus not in calib_dirs:
@@ -120,7 +120,7 @@ def calib_stats(model_dir: str | Path, corpus_dir: str | Path, out_file: str | P
                 progress: bool = True) -> dict:
     """Collect and store the shared activation statistics of one calibration set."""
     from .calib.stats import collect_act_stats, save_stats
-    from .data.corpora import calibration_hash, sample_calibration
+    from .data.tokens import calibration_hash, sample_calibration
     from .models.loading import load_model
 
     device = pick_device(device)
@@ -137,7 +137,7 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
                  device: str | None = None, batch_size: int = 1, progress: bool = True,
                  model_name: str | None = None, recipe_name: str | None = None) -> dict[str, dict]:
     """Perplexity of a checkpoint/model on each corpus dir (its ``test.npy``); one record each."""
-    from .data.corpora import load_tokens
+    from .data.tokens import load_tokens
     from .eval.ppl import perplexity
 
     device = pick_device(device)
@@ -186,7 +186,7 @@ def evaluate_kv(path: str | Path, corpus_dir: str | Path, *, needle_json: str | 
                 recipe_name: str | None = None) -> dict:
     """Needle-in-a-haystack retrieval and KV-cache bytes of one checkpoint (haystack and prefill
     tokens from the corpus's evaluation split); one record each."""
-    from .data.corpora import load_tokens
+    from .data.tokens import load_tokens
     from .eval.kv_memory import kv_memory
     from .eval.needle import run_needle
 
@@ -261,15 +261,15 @@ def build_corpus(*args, **kwargs):
 
 
 def build_report(*args, **kwargs):
-    """One model's report (:func:`qbench.report.tables.build_report`)."""
-    from .report.tables import build_report as run
+    """One model's report (:func:`qbench.report.build.build_report`)."""
+    from .report.build import build_report as run
 
     return run(*args, **kwargs)
 
 
 def build_index(*args, **kwargs):
-    """``reports/README.md`` over every model (:func:`qbench.report.tables.build_index`)."""
-    from .report.tables import build_index as run
+    """``reports/README.md`` over every model (:func:`qbench.report.build.build_index`)."""
+    from .report.build import build_index as run
 
     return run(*args, **kwargs)
 

@@ -47,7 +47,7 @@ def cmd_info(a) -> int:
 
 
 def cmd_prepare(a) -> int:
-    from .models.loading import prepare_model
+    from .api import prepare_model
 
     card = prepare_model(_yaml_or_json(a.source), a.out)
     print(json.dumps(card, indent=2, default=str))
@@ -55,7 +55,7 @@ def cmd_prepare(a) -> int:
 
 
 def cmd_corpus(a) -> int:
-    from .data.corpora import build_corpus
+    from .api import build_corpus
 
     meta = build_corpus(a.name, _yaml_or_json(a.source), a.out, tokenizer_dir=a.tokenizer,
                         eval_fraction=a.eval_fraction, seed=a.seed)
@@ -90,7 +90,7 @@ def cmd_eval_ppl(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from .report.tables import build_report
+    from .api import build_report
 
     paths = build_report(a.records, a.out, model=a.model, card=a.card)
     print("\n".join(paths.values()))

@@ -66,5 +66,3 @@ class GPTQ(Method):
         if cfg.w_bits >= 16:
             return {"layers": finalize_act_only(model, cfg)}
         return gptq_model(model, cfg, ctx, desc=self.name)
-
-

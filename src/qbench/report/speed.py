@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from .plots import _pyplot, empty_figure
+from .tables import _ordered, perplexity_table, to_markdown
+
 SPEED_FILES = {"speed_md": "tables/speed.md", "speed_csv": "tables/speed.csv",
                "speed_png": "figures/quality_vs_speed.png"}
 
@@ -17,8 +20,6 @@ SPEED_FILES = {"speed_md": "tables/speed.md", "speed_csv": "tables/speed.csv",
 def speed_table(df: pd.DataFrame, recipe_order=None) -> pd.DataFrame:
     """One row per recipe with a ``speed`` record: method, bits, quality (first ppl corpus),
     prefill / decode tokens/s, decode speed-up over the ``fp`` baseline, peak memory, device, backend."""
-    from .tables import _ordered, perplexity_table
-
     if "kind" not in df or not (df["kind"] == "speed").any():
         return pd.DataFrame()
     d = df[df["kind"] == "speed"].set_index("recipe")
@@ -43,8 +44,6 @@ def speed_table(df: pd.DataFrame, recipe_order=None) -> pd.DataFrame:
 
 def plot_quality_vs_speed(st: pd.DataFrame, out_png: str | Path, title: str = "") -> bool:
     """Perplexity against batch-1 decode tokens/s, one labelled point per recipe."""
-    from .tables import _pyplot
-
     ppl = [c for c in st.columns if c.startswith("ppl ")]
     dec = [c for c in st.columns if c.startswith("decode tok/s")]
     if st.empty or not ppl or not dec:
@@ -95,8 +94,6 @@ def latest_kernel_run(kernels_dir: str | Path) -> tuple[dict, str] | None:
 def speed_section(df: pd.DataFrame, paths: dict, *, model: str, recipe_order=None,
                   kernels_dir: str | Path | None = None) -> list[str]:
     """Write the speed table (md/csv) and figure; return the README lines of the Speed section."""
-    from .tables import _empty_figure, to_markdown
-
     st = speed_table(df, recipe_order)
     md = to_markdown(st, floatfmt=".3g")
     paths["speed_md"].write_text(md)
@@ -104,7 +101,7 @@ def speed_section(df: pd.DataFrame, paths: dict, *, model: str, recipe_order=Non
     if plot_quality_vs_speed(st, paths["speed_png"], title=model):
         fig = f"![quality vs decode speed](figures/{paths['speed_png'].name})"
     else:
-        _empty_figure(paths["speed_png"], "quality vs decode speed: no speed records in this run")
+        empty_figure(paths["speed_png"], "quality vs decode speed: no speed records in this run")
         fig = ""
     cpu = not st.empty and st["device"].astype(str).str.startswith("cpu").any()
     lines = ["## Speed", "",
