@@ -48,6 +48,7 @@ import numpy as np
 
 from ..fsutil import atomic_dir
 from ..errors import ConfigError
+from ..provenance import sha256_file as _sha256_file
 from .sources import (HF_PRESETS, JOINER, NEWS_FILE, WIKI_FILE, WIKI_MIN_CHARS, _hf_side,  # noqa: F401
                       _tqdm, clean_wikitext, gensim_test_data, is_disambiguation, iter_wiki_pages,
                       local_documents, news_documents, resolve_hf_source, wiki_documents)
@@ -74,14 +75,6 @@ def _qbench_version() -> str:
     except ImportError:  # pragma: no cover
         __version__ = "unknown"
     return f"qbench {__version__}"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

