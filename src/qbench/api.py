@@ -260,6 +260,13 @@ def build_corpus(*args, **kwargs):
     return run(*args, **kwargs)
 
 
+def export_checkpoint(*args, **kwargs) -> dict:
+    """Export a checkpoint for another runtime (:func:`qbench.export.export_checkpoint`)."""
+    from .export import export_checkpoint as run
+
+    return run(*args, **kwargs)
+
+
 def build_report(*args, **kwargs):
     """One model's report (:func:`qbench.report.build.build_report`)."""
     from .report.build import build_report as run
@@ -276,5 +283,6 @@ def build_index(*args, **kwargs):
 
 __all__ = ["quantize", "calib_stats", "calib_stats_for", "stats_dirs_for", "evaluate_ppl", "evaluate_ppl_text",
            "evaluate_kv", "evaluate_chat", "evaluate_tasks", "evaluate_stats", "prepare_model", "build_corpus",
+           "export_checkpoint",
            "build_report", "build_index", "load_for_eval", "base_record", "check_recipe", "pick_device", "quantize_home",
            "set_threads", "write_record", "DTYPES"]

@@ -98,7 +98,7 @@ def cmd_report(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .export import export_checkpoint
+    from .api import export_checkpoint
 
     opts = {"float_type": a.float_type} if a.format == "gguf" else {}
     rec = export_checkpoint(a.checkpoint, a.out, a.format, **opts)

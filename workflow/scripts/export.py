@@ -5,8 +5,8 @@ from pathlib import Path
 from qbench.workflow import job
 
 with job(snakemake):  # noqa: F821 - injected by Snakemake
-    from qbench.export import export_checkpoint
+    from qbench import api
 
     smk = snakemake  # noqa: F821
-    export_checkpoint(Path(smk.input.manifest).parent, Path(smk.output.manifest).parent,
-                      smk.wildcards.format, **json.loads(smk.params.options))
+    api.export_checkpoint(Path(smk.input.manifest).parent, Path(smk.output.manifest).parent,
+                          smk.wildcards.format, **json.loads(smk.params.options))
