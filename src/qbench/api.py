@@ -246,6 +246,13 @@ def evaluate_stats(*args, **kwargs) -> dict:
     return run(*args, **kwargs)
 
 
+def evaluate_speed(*args, **kwargs) -> dict:
+    """Prefill/decode throughput and memory of one checkpoint (:func:`qbench.eval.speed.evaluate_speed`)."""
+    from .eval.speed import evaluate_speed as run
+
+    return run(*args, **kwargs)
+
+
 def prepare_model(*args, **kwargs):
     """Materialize a configured model (:func:`qbench.models.loading.prepare_model`)."""
     from .models.loading import prepare_model as run
@@ -274,6 +281,13 @@ def build_report(*args, **kwargs):
     return run(*args, **kwargs)
 
 
+def write_vs_published(*args, **kwargs):
+    """The report's "vs published" section (:func:`qbench.report.published.write_vs_published`)."""
+    from .report.published import write_vs_published as run
+
+    return run(*args, **kwargs)
+
+
 def build_index(*args, **kwargs):
     """``reports/README.md`` over every model (:func:`qbench.report.build.build_index`)."""
     from .report.build import build_index as run
@@ -282,7 +296,7 @@ def build_index(*args, **kwargs):
 
 
 __all__ = ["quantize", "calib_stats", "calib_stats_for", "stats_dirs_for", "evaluate_ppl", "evaluate_ppl_text",
-           "evaluate_kv", "evaluate_chat", "evaluate_tasks", "evaluate_stats", "prepare_model", "build_corpus",
-           "export_checkpoint",
+           "evaluate_kv", "evaluate_chat", "evaluate_tasks", "evaluate_stats", "evaluate_speed", "prepare_model", "build_corpus",
+           "export_checkpoint", "write_vs_published",
            "build_report", "build_index", "load_for_eval", "base_record", "check_recipe", "pick_device", "quantize_home",
            "set_threads", "write_record", "DTYPES"]

@@ -4,10 +4,10 @@ from pathlib import Path
 from qbench.workflow import job
 
 with job(snakemake, gpu=True):  # noqa: F821 - injected by Snakemake
-    from qbench.eval.speed import evaluate_speed
+    from qbench import api
 
     smk = snakemake  # noqa: F821
     p = smk.params
-    evaluate_speed(Path(smk.input.manifest).parent, smk.output.record, prefill=p.prefill, prompt=p.prompt,
-                   steps=p.steps, batches=p.batches, repeats=p.repeats, dtype=p.dtype,
-                   model_name=smk.wildcards.model, recipe_name=smk.wildcards.recipe)
+    api.evaluate_speed(Path(smk.input.manifest).parent, smk.output.record, prefill=p.prefill, prompt=p.prompt,
+                       steps=p.steps, batches=p.batches, repeats=p.repeats, dtype=p.dtype,
+                       model_name=smk.wildcards.model, recipe_name=smk.wildcards.recipe)

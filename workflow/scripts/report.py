@@ -9,12 +9,12 @@ with job(snakemake):  # noqa: F821 - injected by Snakemake
     smk = snakemake  # noqa: F821
     recipes = list(smk.params.recipes)
     api.build_report(smk.input.records, f"reports/{smk.wildcards.model}", model=smk.wildcards.model,
-                 recipe_order=recipes, card=smk.input.card,
-                 manifests=dict(zip(recipes, smk.input.manifests)),
-                 outputs={k: v for k, v in smk.output.items()}, kernels_dir=smk.params.kernels_dir)
-    from qbench.report.published import write_vs_published
+                     recipe_order=recipes, card=smk.input.card,
+                     manifests=dict(zip(recipes, smk.input.manifests)),
+                     outputs={k: v for k, v in smk.output.items()}, kernels_dir=smk.params.kernels_dir)
 
     pub = json.loads(smk.params.published)
-    write_vs_published(smk.output.records_csv, smk.output.readme, smk.output.published_md, smk.output.published_csv,
-                       model=smk.wildcards.model, expected=(list(smk.input.published) or [None])[0],
-                       published_model=pub.get("model"), tolerance=pub.get("tolerance"), source=pub.get("source", ""))
+    api.write_vs_published(smk.output.records_csv, smk.output.readme, smk.output.published_md,
+                           smk.output.published_csv, model=smk.wildcards.model,
+                           expected=(list(smk.input.published) or [None])[0], published_model=pub.get("model"),
+                           tolerance=pub.get("tolerance"), source=pub.get("source", ""))

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from ..modules.kv_binding import kv_binding
+
 __all__ = ["measure_speed", "SPEED_METRICS"]
 
 SPEED_METRICS = ("prefill_tok_s", "decode_tok_s_b1", "peak_mem_gib")
@@ -144,7 +146,7 @@ def measure_speed(model, *, device: str, vocab: int | None = None, prefill: int 
         out[f"decode_s_b{b}"] = t_dec
         out[f"decode_tok_s_b{b}"] = b * steps / t_dec
         if cuda_graph and device.startswith("cuda"):
-            if getattr(model, "_qbench_kv", None):
+            if kv_binding(model) is not None:
                 out["decode_graph_note"] = "not captured: the recipe's KV cache is dynamic (packed appends)"
                 continue
             say(f"decode batch {b}: CUDA graph")
@@ -188,7 +190,7 @@ def evaluate_speed(path, out_json=None, *, prefill: int = 2048, prompt: int = 12
     """Speed of one checkpoint on this job's device: one ``kind: "speed"`` record whose
     ``metrics`` hold ``prefill_tok_s``, ``decode_tok_s_b<b>``, ``peak_mem_gib`` and, as strings,
     the device (``speed_device``) and the packed modules' backend (``speed_backend``)."""
-    from ..api import base_record, load_for_eval, pick_device, write_record
+    from ..records import base_record, load_for_eval, pick_device, write_record
 
     device = pick_device(device)
     model, _, manifest = load_for_eval(path, dtype=dtype, device=device)
