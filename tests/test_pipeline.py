@@ -95,8 +95,10 @@ def test_records_and_checkpoints_match_golden(smoke):
 
     golden = json.loads((ROOT / "tests/data/smoke_golden.json").read_text())
     now = json.loads(json.dumps(essentials(smoke)))
-    assert sorted(now["records"]) == sorted(golden["records"])
-    assert sorted(now["checkpoints"]) == sorted(golden["checkpoints"])
+    # evaluations added to the smoke config later (e.g. eval_speed) are not in the golden data
+    assert set(golden["records"]) <= set(now["records"])
+    assert set(golden["checkpoints"]) <= set(now["checkpoints"])
+    now = {part: {k: now[part][k] for k in golden[part]} for part in golden}
     diffs = _same(now, golden)
     assert diffs == [], "\n".join(diffs[:20])
     assert _same({"x": [1.0, 2.0]}, {"x": [1.0, 2.0000001]}) == []

@@ -74,7 +74,7 @@ def test_eval_speed_records_and_report_speed_section(tmp_path):
     from qbench.api import evaluate_ppl_text, quantize
     from qbench.eval.speed import evaluate_speed
     from qbench.models.tiny import make_tiny_llama
-    from qbench.report.tables import build_report
+    from qbench.report.build import build_report
 
     model_dir = make_tiny_llama(tmp_path / "tiny")
     text = tmp_path / "t.txt"
