@@ -7,7 +7,8 @@ import os
 
 import torch
 
-__all__ = ["autotuning", "tuned", "interpreting", "sm_count", "split_k_for", "check_act_dtype", "ACT_DTYPES"]
+__all__ = ["autotuning", "tuned", "interpreting", "sm_count", "split_k_for", "n_splits", "split_partials",
+           "check_act_dtype", "ACT_DTYPES"]
 
 #: activation dtypes the kernels accept (fp32 is for the CPU interpreter and exactness tests).
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -47,6 +48,23 @@ def split_k_for(n_tiles: int, k_tiles: int, sms: int, max_split: int = 16, min_k
            and k_tiles // (split * 2) >= min_k_tiles):
         split *= 2
     return split
+
+
+def n_splits(split_k: int | None, n_tiles: int, k_tiles: int, device: torch.device) -> int:
+    """Reduction slices of a split-K launch: the caller's ``split_k`` (clamped to the tiles there
+    are), 1 in the interpreter, else :func:`split_k_for` on the device's SM count."""
+    if split_k is not None:
+        return max(1, min(split_k, k_tiles))
+    if interpreting():
+        return 1
+    return split_k_for(n_tiles, k_tiles, sm_count(device.index or 0))
+
+
+def split_partials(split_k: int | None, m: int, n: int, device: torch.device) -> torch.Tensor:
+    """fp32 buffer for the per-slice partial sums (up to ``max_split`` = 16 slices when the split
+    is chosen per config), summed by the caller afterwards — deterministic, no atomics."""
+    return torch.empty((16 if split_k is None else max(split_k, 1), m, n), device=device,
+                       dtype=torch.float32)
 
 
 def check_act_dtype(x: torch.Tensor, name: str = "x") -> None:

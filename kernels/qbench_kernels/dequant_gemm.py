@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from ._util import check_act_dtype, interpreting, sm_count, split_k_for, tuned
+from ._tiles import grouped_tile, split_k_range
+from ._util import check_act_dtype, interpreting, n_splits, split_partials, tuned
 
 __all__ = ["unpack_codes_reference", "dequantize_reference", "dequant_gemm_reference", "dequant_gemm",
            "SUPPORTED_BITS"]
@@ -194,22 +195,13 @@ if triton is not None:
         # program → (m tile, n tile), grouped so that GROUP_M m-tiles share weight tiles in L2
         pid = tl.program_id(0)
         pid_s = tl.program_id(1)
-        n_m = tl.cdiv(M, BLOCK_M)
-        n_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * n_n
-        first_m = (pid // per_group) * GROUP_M
-        rows = tl.minimum(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % rows
-        pid_n = (pid % per_group) // rows
+        pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mm = offs_m < M
         # this program's slice of the reduction (split-K: grid axis 1)
-        k_tiles = tl.cdiv(K, BLOCK_K)
-        per_split = tl.cdiv(k_tiles, tl.num_programs(1)) * BLOCK_K
-        k_lo = pid_s * per_split
-        k_hi = tl.minimum(k_lo + per_split, K)
+        k_lo, k_hi = split_k_range(pid_s, K, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             if BLOCK_M == 1 and 32 % BITS == 0:  # GEMV, 2/4/8 bits: one load per packed word
@@ -308,14 +300,9 @@ def dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         k_tiles = triton.cdiv(K, bk)
 
         def nsplit(meta):
-            if split_k is not None:
-                return max(1, min(split_k, k_tiles))
-            if interpreting():
-                return 1
-            return split_k_for(triton.cdiv(N, meta["BLOCK_N"]), k_tiles, sm_count(x.device.index or 0))
+            return n_splits(split_k, triton.cdiv(N, meta["BLOCK_N"]), k_tiles, x.device)
 
-        part = torch.empty((16 if split_k is None else max(split_k, 1), M, N),
-                           device=x.device, dtype=torch.float32)
+        part = split_partials(split_k, M, N, x.device)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), nsplit(meta))  # noqa: E731
         _GEMV[grid](x2, qweight, scales, zeros_t, gi, part, M, N, K, group_size,
                     x2.stride(0), qweight.stride(0), scales.stride(0), zeros_t.stride(0),

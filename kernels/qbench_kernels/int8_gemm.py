@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from ._util import check_act_dtype, interpreting, sm_count, split_k_for, tuned
+from ._tiles import grouped_tile, split_k_range
+from ._util import check_act_dtype, interpreting, n_splits, split_partials, tuned
 
 __all__ = ["quantize_act_int8_reference", "int8_gemm_reference", "unpack_int8_words", "quantize_act_int8",
            "int8_gemm"]
@@ -137,21 +138,12 @@ if triton is not None:
                           GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
         pid_s = tl.program_id(1)
-        n_m = tl.cdiv(M, BLOCK_M)
-        n_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * n_n
-        first_m = (pid // per_group) * GROUP_M
-        rows = tl.minimum(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % rows
-        pid_n = (pid % per_group) // rows
+        pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mm = offs_m < M
         mn = offs_n < N
-        k_tiles = tl.cdiv(K, BLOCK_K)
-        per_split = tl.cdiv(k_tiles, tl.num_programs(1)) * BLOCK_K
-        k_lo = pid_s * per_split
-        k_hi = tl.minimum(k_lo + per_split, K)
+        k_lo, k_hi = split_k_range(pid_s, K, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         asum = tl.zeros((BLOCK_M,), dtype=tl.int32)
         bsum = tl.zeros((BLOCK_N,), dtype=tl.int32)
@@ -264,14 +256,9 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, s_x: torch.Tensor, s_w: torch.Te
         k_tiles = triton.cdiv(K, bk)
 
         def nsplit(meta):
-            if split_k is not None:
-                return max(1, min(split_k, k_tiles))
-            if interpreting():
-                return 1
-            return split_k_for(triton.cdiv(N, meta["BLOCK_N"]), k_tiles, sm_count(a.device.index or 0))
+            return n_splits(split_k, triton.cdiv(N, meta["BLOCK_N"]), k_tiles, a.device)
 
-        part = torch.empty((16 if split_k is None else max(split_k, 1), M, N), device=a.device,
-                           dtype=torch.float32)
+        part = split_partials(split_k, M, N, a.device)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), nsplit(meta))  # noqa: E731
         _I8_GEMV[grid](a, b, s_x, cx, s_w, cw, part, M, N, K, a.stride(0), b.stride(0),
                        part.stride(0), part.stride(1), BLOCK_M=16, **common)

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from ._util import check_act_dtype, interpreting, sm_count, split_k_for, tuned
+from ._tiles import grouped_tile, split_k_range
+from ._util import check_act_dtype, interpreting, n_splits, split_partials, tuned
 
 __all__ = ["lut_tables_reference", "lut_gemm_reference", "bcq_dequantize_reference", "lut_gemm", "MU"]
 
@@ -116,10 +117,7 @@ if triton is not None:
         p16 = tl.arange(0, 16)
         # signs of the 16 nibble patterns: s4[j, p] = ±1 for bit j of p
         s4 = (((p16[None, :] >> j4[:, None]) & 1) * 2 - 1).to(tl.float32)   # [4, 16]
-        k_tiles = tl.cdiv(K, BLOCK_K)
-        per_split = tl.cdiv(k_tiles, tl.num_programs(1)) * BLOCK_K
-        k_lo = pid_s * per_split
-        k_hi = tl.minimum(k_lo + per_split, K)
+        k_lo, k_hi = split_k_range(pid_s, K, BLOCK_K)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         xrow = x_ptr + m * stride_xm
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -167,13 +165,7 @@ if triton is not None:
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
-        n_m = tl.cdiv(M, BLOCK_M)
-        n_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * n_n
-        first_m = (pid // per_group) * GROUP_M
-        rows = tl.minimum(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % rows
-        pid_n = (pid % per_group) // rows
+        pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mm = offs_m < M
@@ -259,14 +251,9 @@ def lut_gemm(x: torch.Tensor, qplanes: torch.Tensor, alphas: torch.Tensor,
         k_tiles = triton.cdiv(K, bk)
 
         def nsplit(meta):
-            if split_k is not None:
-                return max(1, min(split_k, k_tiles))
-            if interpreting():
-                return 1
-            return split_k_for(triton.cdiv(N, meta["BLOCK_N"]) * M, k_tiles, sm_count(x.device.index or 0))
+            return n_splits(split_k, triton.cdiv(N, meta["BLOCK_N"]) * M, k_tiles, x.device)
 
-        part = torch.empty((16 if split_k is None else max(split_k, 1), M, N),
-                           device=x.device, dtype=torch.float32)
+        part = split_partials(split_k, M, N, x.device)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), nsplit(meta), M)  # noqa: E731
         _LUT[grid](x2, qplanes, alphas, z, part, M, N, K, gs,
                    x2.stride(0), qplanes.stride(0), qplanes.stride(1), alphas.stride(0),
