@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from peer_common import (ROOT, ensure_model, hidden_mse_fn, load_truncated, peer_name, ppl_fn,
+from peer_common import (emit, ROOT, ensure_model, hidden_mse_fn, load_truncated, peer_name, ppl_fn,
                          run_peer_oneshot, run_recipe)
 from qbench.data.corpora import load_tokens, sample_calibration
 
@@ -112,11 +112,7 @@ def main(argv=None):
                 res[f"cpu_time_ratio_{name}_over_peer"] = res[name]["cpu_seconds"] / c
                 res[f"ppl_ratio_{name}_over_peer"] = res[name]["ppl"] / res["peer"]["ppl"]
                 res[f"hidden_mse_ratio_{name}_over_peer"] = res[name]["hidden_mse"] / res["peer"]["hidden_mse"]
-    res["load_after"] = os.getloadavg()
-    print(json.dumps(res, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
-    return res
+    return emit(res, args.json)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from peer_common import ROOT, ensure_model, load_truncated, peer_name, ppl_fn, run_peer_oneshot, run_recipe
+from peer_common import (emit, ROOT, ensure_model, load_truncated, peer_name, ppl_fn, run_peer_oneshot,
+                         run_recipe)
 from qbench.data.corpora import load_tokens, sample_calibration
 
 
@@ -111,11 +112,7 @@ def main(argv=None):
             res["wall_time_ratio_ours_over_peer"] = same["seconds"] / t
             res["cpu_time_ratio_ours_over_peer"] = same["cpu_seconds"] / c
             res["ppl_ratio_ours_over_peer"] = same["ppl"] / res["peer"]["ppl"]
-    res["load_after"] = os.getloadavg()
-    print(json.dumps(res, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
-    return res
+    return emit(res, args.json)
 
 
 if __name__ == "__main__":

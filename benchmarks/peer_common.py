@@ -3,7 +3,9 @@ and running llm-compressor's ``oneshot`` (the peer) quietly on the same calibrat
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -110,3 +112,13 @@ def peer_name() -> str:
     import llmcompressor
 
     return f"llmcompressor {getattr(llmcompressor, '__version__', '?')}"
+
+
+def emit(res: dict, json_path: str | None) -> dict:
+    """Finish a benchmark run: record the load average after it, print the result as JSON and
+    write it to ``json_path`` when given."""
+    res["load_after"] = os.getloadavg()
+    print(json.dumps(res, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=2))
+    return res

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["HessianCollector", "sequential_groups"]
+__all__ = ["HessianCollector", "collect_hessians", "sequential_groups"]
 
 
 # ============================================================================ statistics
@@ -49,6 +49,18 @@ class HessianCollector:
         if name not in self.S:
             return torch.zeros(in_features, in_features, device=device)
         return self.S.pop(name).mul_(2.0 / max(self.count[name], 1))
+
+
+def collect_hessians(block: nn.Module, inputs, modules: dict[str, nn.Module]) -> HessianCollector:
+    """Run ``block`` over its calibration ``inputs`` (a :class:`~qbench.calib.blockwise.BlockInputs`)
+    just far enough to see every one of ``modules``, with hooks collecting their input Hessians;
+    the hooks are removed again before returning."""
+    hc = HessianCollector(modules)
+    try:
+        inputs.run(block, keep_outputs=False, stop_after=list(modules.values()))
+    finally:
+        hc.remove()
+    return hc
 
 
 def sequential_groups(names: list[str]) -> list[list[str]]:

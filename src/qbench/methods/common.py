@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..calib.blockwise import BlockInputs, get_decoder_layers, run_blockwise
-from ..calib.hessian import HessianCollector, sequential_groups
+from ..calib.hessian import collect_hessians, sequential_groups
 from ..modules import attention as attn
 from ..modules import set_module, target_linears
 from ..modules.kv_binding import kv_dims_of_config
@@ -173,11 +173,7 @@ def gptq_model(model: nn.Module, cfg: GPTQArgs, ctx: QuantContext, *, desc: str,
         groups = sequential_groups(names) if cfg.true_sequential else [names]
         for group in groups:
             mods = {rel: block.get_submodule(rel) for rel in group}
-            hc = HessianCollector(mods)
-            try:
-                inputs.run(block, keep_outputs=False, stop_after=list(mods.values()))
-            finally:
-                hc.remove()
+            hc = collect_hessians(block, inputs, mods)
             for rel, lin in mods.items():
                 full = bp + rel
                 H = hc.hessian(rel, lin.in_features, lin.weight.device)

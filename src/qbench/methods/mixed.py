@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..calib.blockwise import BlockInputs, get_decoder_layers, run_blockwise
 from ..modules import set_module, target_linears
 from ..quant.uniform import WeightQuantSpec, dequantize_weight, quantize_weight
-from ..calib.hessian import HessianCollector
+from ..calib.hessian import collect_hessians
 from .base import CalibArgs, ConfigError, Descriptor, Method, QuantContext, calib_field, opt, register
 from .common import GPTQArgs, check_group_size, fp16_qparams, gptq_model, make_quant_linear, module_name
 
@@ -225,11 +225,7 @@ class MixedPrecision(Method):
         def process(i: int, block: nn.Module, inputs: BlockInputs) -> None:
             bp = f"{prefix}.{i}."
             mods = {n[len(bp):]: targets[n] for n in targets if n.startswith(bp)}
-            hc = HessianCollector(mods)
-            try:
-                inputs.run(block, keep_outputs=False, stop_after=list(mods.values()))
-            finally:
-                hc.remove()
+            hc = collect_hessians(block, inputs, mods)
             for rel, lin in mods.items():
                 H = hc.hessian(rel, lin.in_features, lin.weight.device) / 2  # XᵀX / n
                 w = lin.weight.data.float()

@@ -247,6 +247,28 @@ def _amax(x: torch.Tensor, granularity: str) -> torch.Tensor:
     raise ValueError(f"granularity={granularity!r}: allowed 'per_tensor', 'per_channel', 'per_token'")
 
 
+def _tensor_or_row_scale(xf: torch.Tensor, s, granularity: str) -> torch.Tensor:
+    """FP8-style scale (no blocks): absmax over the granularity onto the element's max; 1 for
+    all-zero slices."""
+    scale = _amax(xf, granularity) / s.element.max
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _blocks(xf: torch.Tensor, scheme: str, s) -> tuple[torch.Tensor, torch.Tensor]:
+    """``xf`` cut into blocks along the last axis ``[..., n/block, block]`` and each block's absmax."""
+    n = xf.shape[-1]
+    if n % s.block:
+        raise ValueError(f"{scheme}: the last dimension ({n}) must be a multiple of {s.block}")
+    xb = xf.reshape(*xf.shape[:-1], n // s.block, s.block)
+    return xb, xb.abs().amax(-1, keepdim=True)
+
+
+def _nvfp4_tensor_scale(xf: torch.Tensor) -> torch.Tensor:
+    """NVFP4's per-tensor fp32 scale: the tensor absmax onto E4M3.max · E2M1.max (1 if all zero)."""
+    S = xf.abs().amax() / (E4M3.max * E2M1.max)
+    return torch.where(S > 0, S, torch.ones_like(S))
+
+
 def quantize_scheme(x: torch.Tensor, scheme: str, granularity: str = "per_tensor"
                     ) -> dict[str, torch.Tensor]:
     """Quantize ``x [..., n]`` (blocks along the last axis). Returns ``codes`` (uint8 element bit
@@ -255,14 +277,9 @@ def quantize_scheme(x: torch.Tensor, scheme: str, granularity: str = "per_tensor
     s = SCHEMES[scheme]
     xf = x.float()
     if s.block == 0:
-        scale = _amax(xf, granularity) / s.element.max
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = _tensor_or_row_scale(xf, s, granularity)
         return {"codes": encode(xf / scale, s.element), "scale": scale}
-    n = xf.shape[-1]
-    if n % s.block:
-        raise ValueError(f"{scheme}: the last dimension ({n}) must be a multiple of {s.block}")
-    xb = xf.reshape(*xf.shape[:-1], n // s.block, s.block)
-    amax = xb.abs().amax(-1, keepdim=True)
+    xb, amax = _blocks(xf, scheme, s)
     if s.scale == "e8m0":
         _, e = torch.frexp(amax)
         shared = torch.where(amax > 0, (e - 1) - s.element.emax, torch.full_like(e, -127))
@@ -271,9 +288,7 @@ def quantize_scheme(x: torch.Tensor, scheme: str, granularity: str = "per_tensor
         codes = encode(xb / X, s.element)  # saturating, as the spec prescribes
         return {"codes": codes.reshape(xf.shape), "block_scale": bcode.squeeze(-1)}
     # NVFP4
-    t_amax = xf.abs().amax()
-    S = t_amax / (E4M3.max * E2M1.max)
-    S = torch.where(S > 0, S, torch.ones_like(S)).reshape(1)
+    S = _nvfp4_tensor_scale(xf).reshape(1)
     sb = (amax / E2M1.max / S).clamp(NVFP4_BLOCK_SCALE_MIN, E4M3.max)
     bcode = encode(sb, E4M3)
     total = decode(bcode, E4M3) * S
@@ -302,22 +317,16 @@ def fake_quant_scheme(x: torch.Tensor, scheme: str, granularity: str = "per_tens
     s = SCHEMES[scheme]
     xf = x.float()
     if s.block == 0:
-        scale = _amax(xf, granularity) / s.element.max
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = _tensor_or_row_scale(xf, s, granularity)
         return (round_to_format(xf / scale, s.element) * scale).to(x.dtype)
-    n = xf.shape[-1]
-    if n % s.block:
-        raise ValueError(f"{scheme}: the last dimension ({n}) must be a multiple of {s.block}")
-    xb = xf.reshape(*xf.shape[:-1], n // s.block, s.block)
-    amax = xb.abs().amax(-1, keepdim=True)
+    xb, amax = _blocks(xf, scheme, s)
     if s.scale == "e8m0":
         _, e = torch.frexp(amax)
         shared = torch.where(amax > 0, (e - 1) - s.element.emax, torch.full_like(e, -127)).clamp(-127, 127)
         X = torch.ldexp(torch.ones_like(amax), shared)
         out = round_to_format(xb / X, s.element) * X
     else:
-        S = xf.abs().amax() / (E4M3.max * E2M1.max)
-        S = torch.where(S > 0, S, torch.ones_like(S))
+        S = _nvfp4_tensor_scale(xf)
         total = round_to_format((amax / E2M1.max / S).clamp(NVFP4_BLOCK_SCALE_MIN, E4M3.max), E4M3) * S
         out = round_to_format((xb / total).clamp(-E2M1.max, E2M1.max), E2M1) * total
     return out.reshape(xf.shape).to(x.dtype)
