@@ -23,7 +23,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .defaults import DTYPE_NAMES
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, canonical_safetensors_header
 from .methods.base import get_method, parse_recipe, stage_descriptors
 from .modules import MODULE_TYPES, effective_bits, quantized_layout, set_module
 from .provenance import provenance, sha256_file
@@ -53,6 +53,7 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "qbench"})
+        canonical_safetensors_header(tmp / WEIGHTS)  # same tensors → same bytes → same sha256
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         manifest = {
             "format": "qbench-checkpoint",

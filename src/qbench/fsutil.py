@@ -45,3 +45,28 @@ def atomic_json(path: str | Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def canonical_safetensors_header(path: str | Path) -> None:
+    """Rewrite a safetensors file's JSON header with its ``__metadata__`` keys sorted, in place.
+
+    The safetensors writer keeps the metadata in a hash map whose iteration order is randomised
+    per process, so the same tensors saved with two or more metadata keys give files with
+    different bytes — and a different sha256 in the checkpoint manifest — from run to run. The
+    sorted header has exactly the same length (same entries, compact JSON, the writer's trailing
+    padding kept), so only the header bytes change and tensor offsets stay valid."""
+    path = Path(path)
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not meta or len(meta) < 2:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        body = raw.rstrip(b" ")
+        if len(new) != len(body):  # not the writer's compact JSON: leave the file as it is
+            raise ValueError(f"{path}: unexpected safetensors header layout")
+        f.seek(8)
+        f.write(new + raw[len(body):])

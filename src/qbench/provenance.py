@@ -11,6 +11,8 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+#: the repository paths whose content can change a result (a change there makes the commit dirty)
+RESULT_PATHS = ("src", "kernels", "workflow", "Snakefile")
 PACKAGES = ("qbench", "torch", "transformers", "safetensors", "lm_eval", "snakemake", "numpy", "triton")
 
 
@@ -40,12 +42,13 @@ def versions() -> dict:
 
 @lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """Commit of the qbench source tree (``-dirty`` when it has uncommitted changes)."""
+    """Commit of the qbench source tree (``-dirty`` when the code that produces results — the
+    library, the kernels or the workflow — has uncommitted changes)."""
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *RESULT_PATHS],
                                cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

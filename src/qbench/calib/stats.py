@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..fsutil import canonical_safetensors_header
 from ..errors import ConfigError
 from .spec import CalibSet
 from ..modules import target_linears
@@ -230,6 +231,7 @@ def save_stats(stats: dict[str, dict[str, torch.Tensor]], path: str | Path, meta
     os.close(fd)
     try:
         save_file(flat, tmp, metadata={"format": FORMAT, "producer": "qbench"})
+        canonical_safetensors_header(tmp)  # a stable sha256 for the same statistics
         digest = _sha256(Path(tmp))
         side = {**getattr(stats, "meta", {}), **(meta or {}), "format": FORMAT,
                 "format_version": FORMAT_VERSION,

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from .frame import load_records
+from .origin import origin_lines
 from .speed import SPEED_FILES, speed_section
 from .plots import (empty_figure, plot_alpha_sweep, plot_distance, plot_needle, plot_outliers, plot_pareto,
                     plot_ppl_vs_bits)
@@ -96,7 +97,6 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
 
     speed_lines = speed_section(df, paths, model=model, recipe_order=recipe_order, kernels_dir=kernels_dir)
 
-    commits = sorted(set(df["git_commit"].dropna())) if "git_commit" in df else []
     readme = [
         f"# qbench report: {model}", "",
         "Token-level perplexity, non-overlapping windows (GPTQ protocol); lower is better. "
@@ -130,9 +130,9 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "## Outlier dimensions", "",
         "Share of input dimensions above the outlier threshold per token, per layer (recipes whose "
         "stages decompose outliers).", "", outliers_fig, "",
+        *origin_lines(df),
         f"Records: {len(df)} (one JSON per recipe × evaluation under `results/{model}/`, each with its "
-        f"resolved recipe, calibration hashes, package versions and commit); "
-        f"qbench commit(s): {', '.join(commits) or 'unknown'}.", "",
+        "resolved recipe, calibration hashes, package versions, commit and thread count).", "",
     ]
     paths["readme"].write_text("\n".join(readme))
     return {k: str(v) for k, v in paths.items()}

@@ -75,6 +75,9 @@ def load_records(paths, *, manifests: dict | None = None, card: str | Path | dic
             "corpus": rec.get("corpus"), "effective_bits": rec.get("effective_bits"),
             "quantize_seconds": rec.get("quantize_seconds"), "record": str(p),
             "git_commit": rec.get("provenance", {}).get("git_commit"),
+            # what a bit-identical rerun needs the same (bf16 CPU matmuls depend on the thread count)
+            "eval_dtype": rec.get("eval_dtype"), "device": rec.get("provenance", {}).get("device"),
+            "torch_threads": rec.get("provenance", {}).get("torch_threads"),
             "recipe_hash": rec.get("recipe_hash"),
             "outlier_frac": _outlier_per_layer(rec),
             **describe_record(rec),
