@@ -143,7 +143,15 @@ def test_default_config_dry_run_and_lint(tmp_path):
     p = smk(tmp_path, "-n", "--cores", "2", "--quiet", "rules")
     out = p.stdout + p.stderr
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    assert f"quantize        {len(cfg['recipes'])}" in out or f"quantize {len(cfg['recipes'])}" in " ".join(out.split())
+    n_default = len(cfg["select"]["recipes"])  # the default runs its headline selection
+    assert 0 < n_default < len(cfg["recipes"]) and set(cfg["select"]["recipes"]) <= set(cfg["recipes"])
+    assert f"quantize {n_default} " in " ".join(out.split()) + " "
+    # the full study is one flag away: every recipe of config.yaml and of configs/full.yaml
+    full = yaml.safe_load((ROOT / "configs/full.yaml").read_text())
+    p = smk(tmp_path, "-n", "--cores", "2", "--quiet", "rules", "--configfile", str(ROOT / "configs/full.yaml"))
+    n_full = len(set(cfg["recipes"]) | set(full["recipes"]))
+    assert f"quantize {n_full} " in " ".join((p.stdout + p.stderr).split()) + " "
+    assert f"eval_tasks {n_full} " in " ".join((p.stdout + p.stderr).split()) + " "
     lint = smk(tmp_path, "--lint", check=False)
     assert "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
 

@@ -19,6 +19,7 @@ from .defaults import PPL_SEQLEN as SEQLEN
 from .fsutil import atomic_json
 from .errors import ConfigError
 from .methods.base import QuantContext, get_method, parse_recipe
+from .progress import PHASES, timed
 from .provenance import hash_obj
 from .records import base_record, load_for_eval, pick_device, set_threads, write_record  # noqa: F401
 
@@ -109,10 +110,12 @@ def quantize(model_dir: str | Path, recipe: list | None, out_dir: str | Path, *,
         "recipe_hash": hash_obj(resolved),
         "calibration": tokens_cache.get("_hashes", {}),
     }
-    return save_checkpoint(model, tok, out_dir, recipe=resolved, inputs=inputs,
-                           stats={"stages": stage_stats, "quantize_seconds": quant_seconds,
-                                  "load_seconds": t0 - t_load, "recipe_name": recipe_name},
-                           device=device)
+    PHASES["load"] = PHASES.get("load", 0.0) + t0 - t_load
+    with timed("save"):
+        return save_checkpoint(model, tok, out_dir, recipe=resolved, inputs=inputs,
+                               stats={"stages": stage_stats, "quantize_seconds": quant_seconds,
+                                      "load_seconds": t0 - t_load, "recipe_name": recipe_name},
+                               device=device)
 
 
 def calib_stats(model_dir: str | Path, corpus_dir: str | Path, out_file: str | Path, *, n: int,

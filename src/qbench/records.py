@@ -43,14 +43,17 @@ def load_for_eval(path: str | Path, *, dtype: str = "float32", device: str = "cp
     the manifest gains ``backend``: which kernels the packed modules run on this device."""
     from .modules.backend import model_backend
 
-    path = Path(path)
-    if is_checkpoint(path):
-        model, tok, manifest = load_checkpoint(path, dtype=dtype, device=device)
-    else:
-        from .models.loading import load_model
+    from .progress import timed
 
-        model, tok = load_model(path, dtype=dtype, device=device)
-        manifest = {**PLAIN_MANIFEST, "descriptor": {"stages": []}}
+    path = Path(path)
+    with timed("load"):
+        if is_checkpoint(path):
+            model, tok, manifest = load_checkpoint(path, dtype=dtype, device=device)
+        else:
+            from .models.loading import load_model
+
+            model, tok = load_model(path, dtype=dtype, device=device)
+            manifest = {**PLAIN_MANIFEST, "descriptor": {"stages": []}}
     return model, tok, {**manifest, "backend": model_backend(model)}
 
 

@@ -7,10 +7,15 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import ConfigError
 from .methods.base import get_method, parse_recipe
+from .fsutil import atomic_json
+from .progress import PHASES, Heartbeat, job_label, process_age
+
+PROGRESS_SECONDS = 20  # runtime.progress_seconds: a terminal line per running job this often
 
 MODEL_SOURCES = ("gguf-package", "local", "hf")
 CORPUS_SOURCES = ("wiki", "news", "local", "hf")
@@ -137,10 +142,23 @@ def job(smk, gpu: bool = False):
         elif gpu:  # runtime.gpus: 0 — a GPU rule run on the CPU on purpose
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
             print("[qbench] device slot: cpu (runtime.gpus: 0)")
+        startup = process_age()  # interpreter start, Snakemake's preamble, importing this module
+        t_imports = time.perf_counter()
         import torch
 
+        from . import api  # noqa: F401 - the library every job body uses, timed as an import
+
+        PHASES["imports"] = time.perf_counter() - t_imports
         torch.set_num_threads(max(1, int(smk.threads)))
-        yield
+        runtime = (getattr(smk, "config", None) or {}).get("runtime") or {}
+        label = job_label(getattr(smk, "rule", "job"), getattr(smk, "wildcards", None))
+        t_body = time.perf_counter()
+        with Heartbeat(label, old[1], runtime.get("progress_seconds", PROGRESS_SECONDS)):
+            yield
+        if log_path:  # phases of this job, for benchmarks/pipeline_overhead.py
+            atomic_json(log_path.with_suffix(".timing.json"),
+                        {"job": label, "startup": startup, **PHASES,
+                         "body": time.perf_counter() - t_body})
     finally:
         if slot:
             slot.release()

@@ -1,0 +1,89 @@
+"""Where a pipeline run's job time goes: pure compute vs per-job overhead, from a finished run.
+
+Reads, for every job of a run directory (an ``output_dir``), Snakemake's benchmark file
+(``benchmarks/out/**.tsv``: the job's wall time as Snakemake saw it) and the phases the job wrapper
+wrote beside the job's log (``logs/**.timing.json``, see ``qbench.workflow.job``):
+
+* ``startup``  interpreter start, Snakemake's script preamble, importing ``qbench.workflow``;
+* ``imports``  torch and ``qbench.api`` (and through it transformers);
+* ``load``     reading the model / checkpoint (transformers' model code is imported lazily here);
+* ``save``     writing a checkpoint;
+* ``compute``  the job body minus load and save: the pure work;
+* ``rest``     wall − everything above: Snakemake's job launch and the interpreter's exit.
+
+Prints a table per rule and the totals: the pipeline's summed job time against its summed pure
+compute. Jobs without a timing file (written before the wrapper recorded phases, or the
+``report`` rules) count as compute. Usage::
+
+    .venv/bin/python benchmarks/pipeline_overhead.py runs/default
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+PHASES = ("startup", "imports", "load", "save", "compute", "rest")
+
+
+def job_phases(tsv: Path, timing: Path | None) -> dict:
+    """Phases of one job (seconds), ``wall`` included."""
+    with open(tsv) as f:
+        row = next(csv.DictReader(f, delimiter="\t"))
+    wall = float(row["s"])
+    if timing is None or not timing.exists():
+        return {"wall": wall, "compute": wall, **{p: 0.0 for p in PHASES if p != "compute"}}
+    t = json.loads(timing.read_text())
+    startup, imports = float(t.get("startup") or 0.0), float(t.get("imports") or 0.0)
+    load, save, body = float(t.get("load") or 0.0), float(t.get("save") or 0.0), float(t["body"])
+    compute = max(0.0, body - load - save)
+    rest = max(0.0, wall - startup - imports - body)
+    return {"wall": wall, "startup": startup, "imports": imports, "load": load, "save": save,
+            "compute": compute, "rest": rest}
+
+
+def collect(run_dir: Path) -> dict[str, list[dict]]:
+    """``rule → [phases of each job]`` for every benchmark file of the run."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    root = run_dir / "benchmarks" / "out"
+    for tsv in sorted(root.rglob("*.tsv")):
+        rel = tsv.relative_to(root).with_suffix("")
+        rule = rel.name
+        timing = run_dir / "logs" / rel.parent / f"{rule}.timing.json"
+        out[rule].append(job_phases(tsv, timing))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir", type=Path, help="a run's output directory (e.g. runs/default)")
+    args = ap.parse_args(argv)
+    jobs = collect(args.run_dir)
+    if not jobs:
+        raise SystemExit(f"{args.run_dir}: no benchmarks/out/**.tsv files (run the pipeline first)")
+    cols = ("wall",) + PHASES
+    print(f"{'rule':<14}{'jobs':>5}" + "".join(f"{c:>10}" for c in cols) + f"{'compute%':>10}")
+    total = defaultdict(float)
+    n_jobs = 0
+    for rule, rows in sorted(jobs.items()):
+        s = {c: sum(r[c] for r in rows) for c in cols}
+        for c in cols:
+            total[c] += s[c]
+        n_jobs += len(rows)
+        print(f"{rule:<14}{len(rows):>5}" + "".join(f"{s[c]:>10.1f}" for c in cols)
+              + f"{100 * s['compute'] / max(s['wall'], 1e-9):>9.0f}%")
+    print(f"{'total':<14}{n_jobs:>5}" + "".join(f"{total[c]:>10.1f}" for c in cols)
+          + f"{100 * total['compute'] / max(total['wall'], 1e-9):>9.0f}%")
+    over = total["wall"] - total["compute"]
+    print(f"\nsummed job time {total['wall']:.0f} s = pure compute {total['compute']:.0f} s "
+          f"+ overhead {over:.0f} s ({100 * over / max(total['wall'], 1e-9):.0f} %: startup "
+          f"{total['startup']:.0f}, imports {total['imports']:.0f}, load {total['load']:.0f}, "
+          f"save {total['save']:.0f}, launch/exit {total['rest']:.0f}); per job "
+          f"{over / max(n_jobs, 1):.1f} s overhead")
+
+
+if __name__ == "__main__":
+    main()
