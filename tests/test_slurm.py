@@ -120,7 +120,7 @@ def test_gpu_jobs_use_the_device_slurm_allocated(smoke_run):
 def test_gpu_partition_from_the_site_block_and_cpu_only_runs(cluster, tmp_path):
     overlay = make_smoke_inputs(tmp_path)
     run = tmp_path / "run"
-    target = "results/tiny/w8-rtn/checkpoint/qbench.json"
+    target = "results/tiny/w8-rtn/checkpoint"
     # 1. The site block set once: GPU rules go to the GPU partition, the rest stays put.
     profile = tmp_path / "profile"
     profile.mkdir()

@@ -17,7 +17,7 @@ from .calib.spec import CalibSet
 from .checkpoint import DTYPES, save_checkpoint
 from .defaults import PPL_SEQLEN as SEQLEN
 from .fsutil import atomic_json
-from .errors import ConfigError
+from .errors import ConfigError, check_finite
 from .methods.base import QuantContext, get_method, parse_recipe
 from .progress import PHASES, timed
 from .provenance import hash_obj
@@ -86,6 +86,8 @@ def quantize(model_dir: str | Path, recipe: list | None, out_dir: str | Path, *,
     device = pick_device(device)
     t_load = time.perf_counter()
     model, tok = load_model(model_dir, dtype=dtype, device=quantize_home(recipe, device))
+    for name, t in model.state_dict().items():  # an inf weight gives inf scales or hidden fallbacks
+        check_finite(t, f"{model_dir}: weight {name}")
     stages = check_recipe(model, recipe, f"recipes.{recipe_name}" if recipe_name else "recipe")
     tokens_cache: dict = {}
     calibration = _calibration_provider(calib_dirs or {}, tokens_cache)

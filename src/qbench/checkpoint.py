@@ -7,13 +7,20 @@ Directory layout::
       model.safetensors                                     (every tensor, quantized modules packed)
       qbench.json                                           (manifest, written last)
 
-The directory is assembled in a sibling temporary directory and renamed into place, and the
+The directory is assembled in a fresh sibling temporary directory and renamed into place, and the
 manifest records the sha256 of ``model.safetensors``: a directory without a manifest, or whose
 tensors do not match it, is rejected with :class:`CheckpointError` and never loaded. No pickle.
+
+The manifest protects its own content too: ``checksums`` holds the sha256 of every other field
+(recipe, descriptor, module metadata, effective bits, dtype, files, inputs, stats, ...), each over
+its canonical JSON, and :func:`read_manifest` recomputes them; an edited field is one error naming
+it (an edited recipe or bit count would otherwise flow into records and the report unnoticed).
+Non-finite tensors are refused at save time, naming the tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -23,6 +30,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .defaults import DTYPE_NAMES
+from .errors import QbenchError, check_finite, strict_json_dumps
 from .fsutil import atomic_dir, canonical_safetensors_header
 from .methods.base import get_method, parse_recipe, stage_descriptors
 from .modules import MODULE_TYPES, effective_bits, quantized_layout, set_module
@@ -30,12 +38,44 @@ from .provenance import provenance, sha256_file
 
 MANIFEST = "qbench.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries ``checksums`` of its own fields
+#: manifest fields not covered by ``checksums`` (the checksums themselves)
+UNCHECKED = ("checksums",)
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is incomplete, corrupted or of an unknown format."""
+class CheckpointError(QbenchError, RuntimeError):
+    """A checkpoint that is incomplete, corrupted, edited or of an unknown format."""
+
+
+def _field_digest(value) -> str:
+    """sha256 of a manifest field's canonical JSON (sorted keys, no whitespace)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def manifest_checksums(manifest: dict) -> dict[str, str]:
+    """``{field: sha256}`` over every manifest field but :data:`UNCHECKED`."""
+    plain = json.loads(json.dumps(manifest, default=str))  # exactly what the file holds
+    return {k: _field_digest(v) for k, v in sorted(plain.items()) if k not in UNCHECKED}
+
+
+def verify_manifest_checksums(manifest: dict, where: str) -> None:
+    """Raise :class:`CheckpointError` naming the first field whose content differs from its
+    checksum (or a field added or removed since the checkpoint was written)."""
+    stored = manifest.get("checksums")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{where}: manifest has no checksums (written by an older qbench or "
+                              "edited); delete the checkpoint and re-run the quantize step")
+    now = manifest_checksums(manifest)
+    for field in sorted(set(stored) | set(now)):
+        if field not in now:
+            raise CheckpointError(f"{where}: manifest field {field!r} was removed after the checkpoint "
+                                  "was written; delete the checkpoint and re-run the quantize step")
+        if stored.get(field) != now[field]:
+            what = "was added" if field not in stored else "does not match its checksum (edited)"
+            raise CheckpointError(f"{where}: manifest field {field!r} {what}; delete the checkpoint "
+                                  "and re-run the quantize step")
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -43,9 +83,38 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).exists()
 
 
+def refuse_manifestless_checkpoint(path: str | Path) -> None:
+    """Raise :class:`CheckpointError` when ``path`` has no manifest but looks like (part of) a
+    checkpoint: it is named ``checkpoint`` (the workflow's checkpoint paths), or it holds tensors
+    qbench wrote (safetensors metadata ``producer: qbench``, e.g. what a killed re-quantize left
+    behind). Loading such a directory as a plain HF model would drop the packed weights and
+    initialise the quantized linears at random."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return
+    reason = None
+    if path.name == "checkpoint" or path.name.startswith(("checkpoint.tmp-", "checkpoint.old-")):
+        reason = "it is a checkpoint path"
+    elif (path / WEIGHTS).is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path / WEIGHTS), "pt") as f:
+                if (f.metadata() or {}).get("producer") == "qbench":
+                    reason = f"its {WEIGHTS} was written by qbench quantize"
+        except Exception as e:  # unreadable header: certainly not loadable as a model
+            reason = f"its {WEIGHTS} cannot be read ({e})"
+    if reason:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST}; {reason}); a checkpoint is "
+                              "only loaded through its manifest: delete it and re-run the quantize step")
+
+
 def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe: list[dict],
                     inputs: dict | None = None, stats: dict | None = None, device: str = "cpu") -> dict:
     out_dir = Path(out_dir)
+    # a NaN/inf weight or scale would be stored and evaluated as if it were a result
+    for name, t in model.state_dict().items():
+        check_finite(t, f"tensor {name} of the quantized model")
     with atomic_dir(out_dir) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -70,7 +139,9 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "provenance": provenance(device),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        manifest = json.loads(strict_json_dumps(manifest, f"{out_dir / MANIFEST}"))
+        manifest["checksums"] = manifest_checksums(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False))
     return manifest
 
 
@@ -83,12 +154,16 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST}); delete it and re-run "
                               "the quantize step")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{mpath}: corrupted manifest ({e})") from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{mpath}: corrupted manifest (not a JSON object)")
     if manifest.get("format") != "qbench-checkpoint" or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{mpath}: unknown checkpoint format {manifest.get('format')!r} "
-                              f"v{manifest.get('format_version')!r} (this qbench reads v{FORMAT_VERSION})")
+                              f"v{manifest.get('format_version')!r} (this qbench reads v{FORMAT_VERSION}); "
+                              "delete it and re-run the quantize step")
+    verify_manifest_checksums(manifest, str(mpath))
     if verify:
         for fname, digest in manifest.get("files", {}).items():
             f = path / fname
@@ -119,7 +194,11 @@ def load_checkpoint(path: str | Path, *, dtype: str = "float32", device: str = "
         if cls is None:
             raise CheckpointError(f"{path}: module {name} has unknown type {spec['class']!r}")
         meta = dict(spec["meta"])
-        set_module(model, name, cls(**meta, dtype=DTYPES[manifest.get("dtype", "float32")]))
+        try:
+            set_module(model, name, cls(**meta, dtype=DTYPES[manifest.get("dtype", "float32")]))
+        except (TypeError, ValueError, AttributeError) as e:  # checksummed, so only a qbench mismatch
+            raise CheckpointError(f"{path}: module {name} ({spec['class']}) cannot be rebuilt from its "
+                                  f"manifest metadata ({e}); re-run the quantize step") from e
     # Tied tensors (e.g. lm_head ↔ embed_tokens) are stored once; a missing key is fine when it
     # shares storage with one that was loaded.
     model.tie_weights()

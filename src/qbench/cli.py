@@ -186,14 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .methods.base import ConfigError
+    """Run one command. A user error (:func:`qbench.errors.user_error_line`) is one line on stderr,
+    ``qbench: error: ...``, and exit status 2 (argparse's, for bad flags too); anything else is a
+    bug and keeps its traceback."""
+    from .errors import user_error_line
 
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"qbench: error: {e}", file=sys.stderr)
+    except Exception as e:
+        line = user_error_line(e)
+        if line is None:
+            raise
+        print(f"qbench: error: {line}", file=sys.stderr)
         return 2
 
 

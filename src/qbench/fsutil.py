@@ -19,13 +19,14 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     half-written directory is never seen under ``out_dir``."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    remove_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     os.chmod(tmp, 0o755)
     try:
         yield tmp
         old = None
         if out.exists() or out.is_symlink():
-            old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
+            old = out.with_name(f"{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.replace(out, old)
         os.replace(tmp, out)
         if old is not None:
@@ -38,13 +39,48 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_json(path: str | Path, obj) -> None:
-    """Write JSON to a temp file in the same directory and rename it into place."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Remove ``<out>.tmp-<pid>-*`` / ``<out>.old-*`` siblings left by a process that was killed
+    (``kill -9``, power loss: no ``except`` ran). Temps of a process still alive are kept; they
+    are never at ``out`` itself, so nothing reads them either way."""
+    for kind in ("tmp", "old"):
+        for p in out.parent.glob(f"{out.name}.{kind}-*"):
+            pid = p.name[len(out.name) + len(kind) + 2:].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in out.parent.glob(f".{out.name}.tmp-*"):  # atomic_json's temp files
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def atomic_json(path: str | Path, obj, what: str | None = None) -> None:
+    """Write strict JSON (no NaN/inf: :func:`qbench.errors.strict_json_dumps`) to a temp file in
+    the same directory and rename it into place. A non-finite value raises before anything is
+    written, so a previous file at ``path`` is left as it was."""
+    from .errors import strict_json_dumps
+
     path = Path(path)
+    text = strict_json_dumps(obj, what or str(path), indent=2)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def canonical_safetensors_header(path: str | Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import is_checkpoint, load_checkpoint
+from .checkpoint import is_checkpoint, load_checkpoint, refuse_manifestless_checkpoint
 from .fsutil import atomic_json
 from .methods.base import stage_descriptors
 from .provenance import hash_obj, provenance
@@ -40,12 +40,18 @@ def set_threads(threads: int | None) -> None:
 
 def load_for_eval(path: str | Path, *, dtype: str = "float32", device: str = "cpu"):
     """Load a qbench checkpoint or a plain HF model directory: ``(model, tokenizer, manifest)``;
-    the manifest gains ``backend``: which kernels the packed modules run on this device."""
+    the manifest gains ``backend``: which kernels the packed modules run on this device. A
+    checkpoint is only ever loaded through its manifest: a directory that looks like one but has
+    none is refused (:func:`qbench.checkpoint.refuse_manifestless_checkpoint`)."""
     from .modules.backend import model_backend
-
     from .progress import timed
 
     path = Path(path)
+    if not path.is_dir():
+        from .errors import ConfigError
+
+        raise ConfigError(f"{path}: no such model or checkpoint directory")
+    refuse_manifestless_checkpoint(path)
     with timed("load"):
         if is_checkpoint(path):
             model, tok, manifest = load_checkpoint(path, dtype=dtype, device=device)
@@ -100,7 +106,9 @@ def _execution(manifest: dict) -> str:
 
 
 def write_record(path: str | Path, record: dict) -> None:
-    atomic_json(path, record)
+    """Write a record atomically as strict JSON: a NaN/inf anywhere is a NonFiniteError naming its
+    key, and the previous record at ``path`` (if any) is left untouched."""
+    atomic_json(path, record, what=f"record {path}")
 
 
 def read_record(path: str | Path) -> dict:

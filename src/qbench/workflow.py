@@ -125,14 +125,21 @@ def pin_run_dir() -> None:
 @contextlib.contextmanager
 def job(smk, gpu: bool = False):
     """Run a script's body with stdout/stderr and logging sent to the rule's log file, the thread
-    count applied, and (for GPU rules) a GPU slot claimed before CUDA is initialised."""
+    count applied, and (for GPU rules) a GPU slot claimed before CUDA is initialised.
+
+    A user error (:func:`qbench.errors.user_error_line`: a bad value, a missing or unreadable
+    file, a non-finite value, a refused checkpoint, a full disk) ends the job with one line,
+    ``qbench: error in rule <rule>: ...``, on the terminal and in the log, and exit status 1;
+    any other exception keeps its traceback (in the log)."""
+    from .errors import user_error_line
+
     log_path = Path(str(smk.log[0])) if smk.log else None
     stream = open(log_path, "a", buffering=1) if log_path else None
     old = sys.stdout, sys.stderr
     if stream:
         sys.stdout = sys.stderr = stream
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
-    slot = None
+    slot, line = None, None
     try:
         if gpu and int(smk.resources.get("gpu", 0) or 0) > 0:  # absent: runtime.gpus is 0
             from .gpu import acquire_gpu
@@ -159,9 +166,18 @@ def job(smk, gpu: bool = False):
             atomic_json(log_path.with_suffix(".timing.json"),
                         {"job": label, "startup": startup, **PHASES,
                          "body": time.perf_counter() - t_body})
+    except Exception as e:
+        line = user_error_line(e)
+        if line is None:
+            raise
+        line = f"qbench: error in rule {getattr(smk, 'rule', '?')}: {line}"
+        print(line, file=sys.stderr)
     finally:
         if slot:
             slot.release()
         if stream:
             sys.stdout, sys.stderr = old
             stream.close()
+    if line:
+        print(line, file=sys.stderr)
+        sys.exit(1)

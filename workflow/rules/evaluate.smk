@@ -4,7 +4,7 @@
 
 rule eval_ppl:
     input:
-        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+        checkpoint="results/{model}/{recipe}/checkpoint",
         corpora=expand("resources/data/{{model}}/{corpus}/corpus.json", corpus=PPL_CORPORA),
     output:
         records=expand("results/{{model}}/{{recipe}}/eval/ppl-{corpus}.json", corpus=PPL_CORPORA),
@@ -29,7 +29,7 @@ rule eval_ppl:
 
 rule eval_kv:
     input:
-        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+        checkpoint="results/{model}/{recipe}/checkpoint",
         corpus=lambda wc: f"resources/data/{wc.model}/{config['eval']['kv']['corpus']}/corpus.json",
     output:
         needle="results/{model}/{recipe}/eval/needle.json",
@@ -53,7 +53,7 @@ rule eval_kv:
 
 rule eval_tasks:
     input:
-        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+        checkpoint="results/{model}/{recipe}/checkpoint",
         corpora=lambda wc: expand(
             "resources/data/{model}/{corpus}/corpus.json",
             model=wc.model,
@@ -87,7 +87,7 @@ rule eval_tasks:
 
 rule eval_chat:
     input:
-        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+        checkpoint="results/{model}/{recipe}/checkpoint",
     output:
         record="results/{model}/{recipe}/eval/chat.json",
     params:
@@ -111,7 +111,7 @@ rule eval_chat:
 rule eval_stats:
     input:
         card="resources/models/{model}/qbench_model_card.json",
-        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+        checkpoint="results/{model}/{recipe}/checkpoint",
         corpus=lambda wc: f"resources/data/{wc.model}/{STATS_EVAL.get('corpus', PPL_CORPORA[0])}/corpus.json",
     output:
         record="results/{model}/{recipe}/eval/stats.json",
@@ -136,7 +136,7 @@ rule eval_stats:
 
 rule eval_speed:
     input:
-        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+        checkpoint="results/{model}/{recipe}/checkpoint",
     output:
         record="results/{model}/{recipe}/eval/speed.json",
     params:

@@ -5,7 +5,7 @@
 
 rule export:
     input:
-        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+        checkpoint="results/{model}/{recipe}/checkpoint",
     output:
         manifest="results/{model}/{recipe}/export/{format}/qbench-export.json",
     params:

@@ -1,5 +1,8 @@
 # quantize: apply one recipe → cached checkpoint. Re-runs only when the resolved recipe, the
-# model or a calibration corpus changes.
+# model or a calibration corpus changes. The output is the whole directory (not its qbench.json):
+# Snakemake removes a declared output before re-running a job, and removing only the manifest would
+# leave a manifest-less checkpoint at the final path until the job's atomic swap (or for good after
+# a kill -9). The job builds in a fresh sibling temp directory and renames it into place.
 
 
 rule quantize:
@@ -8,7 +11,7 @@ rule quantize:
         calib=lambda wc: list(calib_corpora(wc).values()),
         stats=calib_stats_files,
     output:
-        manifest="results/{model}/{recipe}/checkpoint/qbench.json",
+        checkpoint=directory("results/{model}/{recipe}/checkpoint"),
     params:
         recipe=recipe_json,
         dtype=RUNTIME.get("quantize_dtype", "float32"),

@@ -10,8 +10,7 @@ rule report:
     input:
         records=all_records,
         card="resources/models/{model}/qbench_model_card.json",
-        manifests=lambda wc: expand("results/{model}/{recipe}/checkpoint/qbench.json", model=wc.model,
-                                    recipe=RECIPES),
+        checkpoints=lambda wc: expand("results/{model}/{recipe}/checkpoint", model=wc.model, recipe=RECIPES),
         # the latest GPU kernel measurement shown in the report (files present when the DAG is built;
         # the repository's reports/kernels, whatever the run's output directory)
         kernels=glob.glob(f"{KERNELS_DIR}/*/meta.json") + glob.glob(f"{KERNELS_DIR}/*/*.md"),

@@ -8,6 +8,6 @@ with job(snakemake, gpu=True):  # noqa: F821 - injected by Snakemake
 
     smk = snakemake  # noqa: F821
     p = smk.params
-    api.evaluate_chat(Path(smk.input.manifest).parent, smk.output.record, prompts=p.prompts,
+    api.evaluate_chat(smk.input.checkpoint, smk.output.record, prompts=p.prompts,
                   max_new_tokens=p.max_new_tokens, system=p.system, dtype=p.dtype,
                   model_name=smk.wildcards.model, recipe_name=smk.wildcards.recipe)

@@ -9,7 +9,7 @@ with job(snakemake, gpu=True):  # noqa: F821 - injected by Snakemake
     smk = snakemake  # noqa: F821
     corpora = {c: str(Path(p).parent) for c, p in zip(smk.params.corpora, smk.input.corpora)}
     outputs = dict(zip(smk.params.corpora, smk.output.records))
-    api.evaluate_ppl(Path(smk.input.manifest).parent, corpora, outputs, seqlen=smk.params.seqlen,
+    api.evaluate_ppl(smk.input.checkpoint, corpora, outputs, seqlen=smk.params.seqlen,
                      max_windows=smk.params.max_windows, dtype=smk.params.dtype,
                      batch_size=smk.params.batch_size, model_name=smk.wildcards.model,
                      recipe_name=smk.wildcards.recipe)

@@ -8,6 +8,6 @@ with job(snakemake, gpu=True):  # noqa: F821 - injected by Snakemake
 
     smk = snakemake  # noqa: F821
     p = smk.params
-    api.evaluate_speed(Path(smk.input.manifest).parent, smk.output.record, prefill=p.prefill, prompt=p.prompt,
+    api.evaluate_speed(smk.input.checkpoint, smk.output.record, prefill=p.prefill, prompt=p.prompt,
                        steps=p.steps, batches=p.batches, repeats=p.repeats, dtype=p.dtype,
                        model_name=smk.wildcards.model, recipe_name=smk.wildcards.recipe)

@@ -8,5 +8,5 @@ with job(snakemake):  # noqa: F821 - injected by Snakemake
     from qbench import api
 
     smk = snakemake  # noqa: F821
-    api.export_checkpoint(Path(smk.input.manifest).parent, Path(smk.output.manifest).parent,
+    api.export_checkpoint(smk.input.checkpoint, Path(smk.output.manifest).parent,
                           smk.wildcards.format, **json.loads(smk.params.options))

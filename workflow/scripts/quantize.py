@@ -12,6 +12,6 @@ with job(snakemake, gpu=True):  # noqa: F821 - injected by Snakemake
     calib_dirs = {Path(p).parent.name: str(Path(p).parent) for p in smk.input.calib}  # corpus → dir
     stats_dirs = api.stats_dirs_for(recipe, Path(smk.input.stats[0]).parents[1]) if smk.input.stats else {}
     api.quantize(Path(smk.input.card).parent, recipe,
-                 Path(smk.output.manifest).parent, calib_dirs=calib_dirs, stats_dirs=stats_dirs,
+                 smk.output.checkpoint, calib_dirs=calib_dirs, stats_dirs=stats_dirs,
                  dtype=smk.params.dtype,
                  recipe_name=smk.wildcards.recipe)

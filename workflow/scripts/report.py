@@ -1,5 +1,6 @@
 """Snakemake script: aggregate every record of one model into tables, figures and a README."""
 import json
+from pathlib import Path
 
 from qbench.workflow import job
 
@@ -10,7 +11,7 @@ with job(snakemake):  # noqa: F821 - injected by Snakemake
     recipes = list(smk.params.recipes)
     api.build_report(smk.input.records, f"reports/{smk.wildcards.model}", model=smk.wildcards.model,
                      recipe_order=recipes, card=smk.input.card,
-                     manifests=dict(zip(recipes, smk.input.manifests)),
+                     manifests={r: str(Path(d) / "qbench.json") for r, d in zip(recipes, smk.input.checkpoints)},
                      outputs={k: v for k, v in smk.output.items()}, kernels_dir=smk.params.kernels_dir)
 
     pub = json.loads(smk.params.published)

@@ -44,6 +44,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import check_finite
+
 __all__ = ["BlockInputs", "run_blockwise", "get_decoder_layers", "capture_block0_inputs"]
 
 
@@ -252,6 +254,7 @@ def run_blockwise(model: nn.Module, calib_ids: torch.LongTensor,
     layers = get_decoder_layers(model)
     hidden, kwargs_by_batch = capture_block0_inputs(
         model, calib_ids, device=device, batch_size=batch_size, offload_inputs=offload_inputs)
+    check_finite(hidden, "calibration activations entering decoder block 0")
     for i, block in enumerate(tqdm(layers, desc=desc, disable=not progress, leave=False)):
         home = _module_device(block)
         block.to(device)
@@ -264,5 +267,6 @@ def run_blockwise(model: nn.Module, calib_ids: torch.LongTensor,
             e = min(s + batch_size, hidden.shape[0])
             y = _block_output(block(hidden[s:e].to(device), **kwargs_by_batch[e - s]))
             hidden[s:e] = y.to(hidden.device, hidden.dtype)
+        check_finite(hidden, f"calibration activations after decoder block {i} (as processed)")
         block.to(home)
     return hidden

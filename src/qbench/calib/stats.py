@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..fsutil import canonical_safetensors_header
-from ..errors import ConfigError
+from ..errors import ConfigError, check_finite
 from .spec import CalibSet
 from ..modules import target_linears
 
@@ -186,6 +186,7 @@ def collect_act_stats(model: nn.Module, calib_ids: torch.Tensor, *, device: str 
         if st is None:  # layer never ran (e.g. skipped by the architecture): leave it out
             continue
         c = st["count"]
+        check_finite(st["sum_sq"], f"calibration activations at the input of {name}")
         out[name] = {
             "absmax": st["absmax"].float().cpu(),
             "mean_abs": (st["sum_abs"] / c).float().cpu(),

@@ -16,16 +16,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ..defaults import PPL_SEQLEN
+from ..errors import ConfigError, NonFiniteError
 
 PROTOCOL = "token-level, non-overlapping windows (GPTQ protocol)"
 
 
 def windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    if seqlen < 2:
+        raise ConfigError(f"seqlen={seqlen}: must be at least 2 (a window predicts seqlen - 1 tokens)")
     n = tokens.numel() // seqlen
     if max_windows:
         n = min(n, max_windows)
     if n == 0:
-        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than seqlen={seqlen}")
+        raise ConfigError(f"the evaluation text has {tokens.numel()} tokens, fewer than seqlen={seqlen}")
     return tokens[: n * seqlen].view(n, seqlen)
 
 
@@ -45,9 +48,15 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, max_windows: i
         batch = win[i:i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         # The loss is computed in fp32 from shifted logits, like the reference protocol.
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-            reduction="sum")
+        flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        loss = torch.nn.functional.cross_entropy(flat, batch[:, 1:].reshape(-1), reduction="sum")
+        if not math.isfinite(loss.item()):  # name the window (stop: a NaN perplexity is no result)
+            per = torch.nn.functional.cross_entropy(flat, batch[:, 1:].reshape(-1), reduction="none")
+            per = per.view(batch.shape[0], -1).sum(1)
+            j = int((~torch.isfinite(per)).nonzero()[0, 0])
+            w = i + j
+            raise NonFiniteError(f"{desc}: the loss of window {w} (tokens {w * seqlen}..{(w + 1) * seqlen - 1}) "
+                                 f"is {per[j].item()}; the model produces non-finite logits")
         nll_sum += loss.item()
         count += batch[:, 1:].numel()
     elapsed = time.perf_counter() - t0
