@@ -1,16 +1,21 @@
 # qbench: models × recipes × evaluations → cached checkpoints → records → tables, plots, report.
 # This file only loads and validates the config and includes the rules (see workflow/rules/).
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
-from qbench.workflow import pin_run_dir, prepare_output_dir
+from qbench.workflow import check_config_files, or_exit, pin_run_dir, prepare_output_dir, validate_config
 
 min_version("9.0")
+
+
+# Config files are parsed strictly first (duplicate keys, malformed YAML: one line naming file and
+# line); a bad value is one line naming the key and the allowed values (no schema dump).
+or_exit(check_config_files, f"{workflow.basedir}/config.yaml", *workflow.config_settings.configfiles)
 
 
 configfile: f"{workflow.basedir}/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+or_exit(validate_config, config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 
 
 # Every run writes under its own output directory (`output_dir`, default runs/default; Snakemake's

@@ -170,6 +170,8 @@ BAD = [
      "export[0]: recipes.kivi-2[0].kivi: gguf export refused: this stage quantizes the KV cache"),
     ({"export": [{"recipe": "nope", "format": "gguf"}]}, "export[0].recipe='nope': unknown recipe"),
     ({"export": [{"recipe": "fp", "format": "onnx"}]}, "'onnx' is not one of ['compressed-tensors', 'gguf']"),
+    ({"eval": {"ppl": {"corpora": ["wiki"], "seqln": 64}}},
+     "qbench: error: config key eval.ppl.seqln: unknown key; allowed keys at eval.ppl: batch_size, corpora, dtype,"),
 ]
 
 
@@ -179,5 +181,78 @@ def test_config_errors_are_reported_before_any_job(tmp_path, overlay, message):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(overlay))
     p = smk(tmp_path, "--configfile", str(tmp_path / "bad.yaml"), "-n", "--cores", "1", check=False)
     assert p.returncode != 0
-    assert message in p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert message in out
+    # one line, no traceback, no schema dump (issue 11)
+    assert out.count("qbench: error:") == 1 and "Traceback" not in out and "On instance" not in out, out
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
+def test_duplicate_keys_in_a_config_file_name_file_and_line(tmp_path):
+    (tmp_path / "config.yaml").write_text((ROOT / "config.yaml").read_text())
+    (tmp_path / "dup.yaml").write_text("recipes:\n  w8: [{rtn: {w_bits: 8}}]\n  w8: [{rtn: {w_bits: 4}}]\n")
+    p = smk(tmp_path, "--configfile", str(tmp_path / "dup.yaml"), "-n", "--cores", "1", check=False)
+    assert p.returncode != 0
+    assert f"qbench: error: {tmp_path / 'dup.yaml'}:3:3: duplicate key 'w8' (first defined on line 2)" in p.stderr
+
+
+#: recipes the fault injection re-quantizes (one calibration-free, one calibrated block-by-block)
+FAULT_RECIPES = ("w8-rtn", "w4-gptq-g32")
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_rerun_gives_identical_records(smoke, tmp_path):
+    """Fault injection (issue 11): a copy of the finished smoke run re-quantizes two recipes and
+    re-evaluates their perplexity; the whole process group (Snakemake and its jobs) is killed with
+    SIGKILL at >= 10 seeded random moments, each time re-run with --rerun-incomplete. While it runs
+    and after every kill, no checkpoint directory without its manifest exists at a final path; the
+    run then finishes with records and checkpoints identical to the uninterrupted run's."""
+    import random
+    import shutil
+    import signal
+    import time
+
+    from golden_smoke import essentials
+
+    wd = tmp_path / "run"
+    shutil.copytree(smoke, wd, symlinks=True, ignore=shutil.ignore_patterns(".snakemake", "reports", "logs"))
+    shutil.copytree(smoke / ".snakemake" / "metadata", wd / ".snakemake" / "metadata")
+    ckpts = [f"results/tiny/{r}/checkpoint" for r in FAULT_RECIPES]
+    targets = [f"results/tiny/{r}/eval/ppl-tiny.json" for r in FAULT_RECIPES]
+    cmd = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(wd), *targets, "--configfile",
+           str(smoke / "smoke.yaml"), "--cores", "2", "--resources", "gpu=2", "--nolock", "--rerun-incomplete"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def manifestless() -> list[str]:
+        return [c for c in ckpts if (wd / c).is_dir() and not (wd / c / "qbench.json").is_file()]
+
+    rng = random.Random(11)
+    kills, attempts, force, seen_bad, t0 = 0, 0, True, [], time.perf_counter()
+    while kills < 10:
+        attempts += 1
+        assert attempts < 40, "the run kept finishing before the kill"
+        p = subprocess.Popen([*cmd, *(["--forcerun", *ckpts] if force else [])], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.perf_counter() + rng.uniform(2.0, 16.0)
+        while time.perf_counter() < deadline and p.poll() is None:
+            seen_bad += manifestless()
+            time.sleep(0.05)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            kills += 1
+            force = False
+        else:
+            assert p.returncode == 0
+            force = True  # finished before the kill: start over to kill again
+        seen_bad += manifestless()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert seen_bad == [], f"manifest-less checkpoint at a final path: {sorted(set(seen_bad))}"
+    assert not list((wd / "results/tiny").glob("*/checkpoint.tmp-*")), "stale temp directories left"
+    ref, now = essentials(smoke), essentials(wd)
+    for part, name in (("records", "eval/ppl-tiny.json"), ("checkpoints", "checkpoint/qbench.json")):
+        keys = [f"{r}/{name}" for r in FAULT_RECIPES]
+        diffs = _same({k: now[part][k] for k in keys}, {k: ref[part][k] for k in keys}, rel=0.0)
+        assert diffs == [], "\n".join(diffs[:20])
+    print(f"fault injection: {kills} kills in {attempts} attempts, {time.perf_counter() - t0:.0f} s")

@@ -55,6 +55,17 @@ def _calib_stats_provider(stats_dirs: dict[str, str], calibration, model_ref: di
     return calib_stats
 
 
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's content; a missing, binary or unreadable file is one ConfigError naming it."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file (invalid byte at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: {e.strerror or e}") from None
+
+
 def check_recipe(model, recipe: list | None, key: str = "recipe"):
     """Parse and check a recipe against a model's shapes (cheap; raises ConfigError)."""
     stages = parse_recipe(recipe, key)
@@ -81,14 +92,21 @@ def quantize(model_dir: str | Path, recipe: list | None, out_dir: str | Path, *,
              dtype: str = "float32", device: str | None = None, progress: bool = True,
              recipe_name: str | None = None, log=print) -> dict:
     """Apply ``recipe`` to the model in ``model_dir`` and write a checkpoint to ``out_dir``."""
-    from .models.loading import load_model
+    from .models.loading import check_seqlen, load_model, model_type_of
 
     device = pick_device(device)
+    key = f"recipes.{recipe_name}" if recipe_name else "recipe"
+    from .models.adapters import check_supported
+
+    check_supported(model_type_of(model_dir))  # before reading any weight
+    for i, st in enumerate(parse_recipe(recipe, key)):  # calibration lengths the model can take
+        for req in get_method(st.method).calib_requests(st.config):
+            check_seqlen(model_dir, req.seqlen, f"{key}[{i}].{st.method}.seqlen")
     t_load = time.perf_counter()
     model, tok = load_model(model_dir, dtype=dtype, device=quantize_home(recipe, device))
     for name, t in model.state_dict().items():  # an inf weight gives inf scales or hidden fallbacks
         check_finite(t, f"{model_dir}: weight {name}")
-    stages = check_recipe(model, recipe, f"recipes.{recipe_name}" if recipe_name else "recipe")
+    stages = check_recipe(model, recipe, key)
     tokens_cache: dict = {}
     calibration = _calibration_provider(calib_dirs or {}, tokens_cache)
     ref = {"model": model, "device": device, "progress": progress}
@@ -126,8 +144,9 @@ def calib_stats(model_dir: str | Path, corpus_dir: str | Path, out_file: str | P
     """Collect and store the shared activation statistics of one calibration set."""
     from .calib.stats import collect_act_stats, save_stats
     from .data.tokens import calibration_hash, sample_calibration
-    from .models.loading import load_model
+    from .models.loading import check_seqlen, load_model
 
+    check_seqlen(model_dir, seqlen, "calibration seqlen")
     device = pick_device(device)
     model, _ = load_model(model_dir, dtype=dtype, device=device)
     ids = sample_calibration(corpus_dir, n, seqlen, seed)
@@ -144,7 +163,9 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
     """Perplexity of a checkpoint/model on each corpus dir (its ``test.npy``); one record each."""
     from .data.tokens import load_tokens
     from .eval.ppl import perplexity
+    from .models.loading import check_seqlen
 
+    check_seqlen(path, seqlen, "eval.ppl.seqlen")
     device = pick_device(device)
     model, _, manifest = load_for_eval(path, dtype=dtype, device=device)
     records = {}
@@ -171,12 +192,14 @@ def evaluate_ppl_text(path: str | Path, text_file: str | Path, *, seqlen: int = 
                       progress: bool = True) -> dict:
     """Perplexity of a checkpoint/model on a raw text file (tokenized with the model's tokenizer)."""
     from .eval.ppl import perplexity
+    from .models.loading import check_seqlen
 
+    check_seqlen(path, seqlen, "--seqlen")
+    text = read_text_file(text_file)
     device = pick_device(device)
     model, tok, manifest = load_for_eval(path, dtype=dtype, device=device)
     if tok is None:
-        raise ValueError(f"{path} has no tokenizer; cannot tokenize {text_file}")
-    text = Path(text_file).read_text(encoding="utf-8")
+        raise ConfigError(f"{path} has no tokenizer; cannot tokenize {text_file}")
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     res = perplexity(model, ids, seqlen, max_windows, 1, progress)
     return base_record("ppl", manifest, model=str(path), recipe=None, device=device, dtype=dtype,

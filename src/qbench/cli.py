@@ -22,11 +22,43 @@ from .defaults import PPL_SEQLEN as SEQLEN
 
 
 def _yaml_or_json(s: str):
-    import yaml
+    """A YAML/JSON value given inline or as a file; parsed strictly (duplicate keys refused,
+    malformed YAML named with file and line: :mod:`qbench.yamlio`)."""
+    from .yamlio import load_yaml_file, load_yaml_text
 
     p = Path(s)
-    text = p.read_text() if p.exists() else s
-    return yaml.safe_load(text)
+    return load_yaml_file(p) if p.exists() else load_yaml_text(s, "<inline YAML>")
+
+
+def int_range(lo: int, hi: int | None = None):
+    """argparse type: an integer in ``[lo, hi]`` (one clear line otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range; allowed: {lo}..{hi if hi is not None else ''}")
+        return v
+    return parse
+
+
+def float_open_unit(text: str) -> float:
+    """argparse type: a fraction strictly between 0 and 1."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"{v} is out of range; allowed: 0 < x < 1")
+    return v
+
+
+def name_eq_dir(text: str) -> str:
+    """argparse type: ``NAME=DIR``."""
+    if "=" not in text or not text.split("=", 1)[0] or not text.split("=", 1)[1]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=DIR")
+    return text
 
 
 def cmd_info(a) -> int:
@@ -119,8 +151,16 @@ def cmd_check_html(a) -> int:
     return 0 if r["ok"] else 1
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line (``qbench eval ppl: error: argument --seqlen: ...``) and exit 2,
+    without the usage block; subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qbench", description="LLM quantization benchmark")
+    p = OneLineParser(prog="qbench", description="LLM quantization benchmark")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     sub.add_parser("info", help="list methods and their arguments").set_defaults(fn=cmd_info)
@@ -135,15 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", required=True)
     s.add_argument("--tokenizer", required=True, help="model directory whose tokenizer to use")
     s.add_argument("--out", required=True)
-    s.add_argument("--eval-fraction", type=float, default=0.5)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eval-fraction", type=float_open_unit, default=0.5)
+    s.add_argument("--seed", type=int_range(0), default=0)
     s.set_defaults(fn=cmd_corpus)
 
     s = sub.add_parser("quantize", help="apply a recipe and write a checkpoint")
     s.add_argument("--model", required=True, help="HF model directory")
     s.add_argument("--recipe", required=True, help="YAML/JSON list of stages, or a file")
     s.add_argument("--out", required=True)
-    s.add_argument("--calib", action="append", default=[], metavar="NAME=CORPUS_DIR")
+    s.add_argument("--calib", action="append", default=[], metavar="NAME=CORPUS_DIR", type=name_eq_dir)
     s.add_argument("--name", default=None, help="recipe name (for records)")
     s.add_argument("--dtype", default="float32", choices=list(DTYPES))
     s.add_argument("--device", default="auto")
@@ -153,11 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = e.add_parser("ppl", help="token-level perplexity (GPTQ protocol) on a text file")
     s.add_argument("--model", required=True, help="HF model directory or qbench checkpoint")
     s.add_argument("--text", required=True)
-    s.add_argument("--seqlen", type=int, default=SEQLEN)
-    s.add_argument("--max-windows", type=int, default=None)
+    s.add_argument("--seqlen", type=int_range(2), default=SEQLEN)
+    s.add_argument("--max-windows", type=int_range(1), default=None)
     s.add_argument("--dtype", default="float32", choices=list(DTYPES))
     s.add_argument("--device", default="auto")
-    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--threads", type=int_range(1), default=None)
     s.add_argument("--json", default=None, help="write the record here")
     s.set_defaults(fn=cmd_eval_ppl)
 

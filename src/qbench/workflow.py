@@ -70,8 +70,125 @@ def resolve_config(config: dict) -> dict:
         if bad:
             raise ConfigError(f"select.{what}: unknown {what[:-1]} {bad[0]!r}; configured: {', '.join(pool)}")
         chosen[what] = names
+    _check_tasks(config, chosen["recipes"])
+    _check_seqlens(config, chosen["models"], {r: recipes[r] for r in chosen["recipes"]})
     return {"recipes": recipes, "calib_corpora": calib, "calib_stats": stats, "models": chosen["models"],
             "selected_recipes": chosen["recipes"], "exports": resolve_exports(config, recipes)}
+
+
+def _check_tasks(config: dict, selected: list[str]) -> None:
+    """lm-eval task names against lm-eval's task index and the offline tasks (see
+    :mod:`qbench.eval.task_index`), when a selected recipe runs them: an unknown name used to fail
+    after a job had run (and Snakemake had removed the previous record)."""
+    section = (config.get("eval") or {}).get("tasks") or {}
+    runs = section.get("recipes", [])
+    if not section.get("tasks") or not (runs == "all" or any(r in selected for r in runs)):
+        return
+    from .eval.task_index import check_task_names
+
+    check_task_names(list(section["tasks"]), list(section.get("corpora") or []))
+
+
+def _check_seqlens(config: dict, models: list[str], recipes: dict[str, list[dict]]) -> None:
+    """Token lengths against each model's maximum positions, where its ``config.json`` can be read
+    without work (a ``local`` source, or the model already prepared under ``resources/models``);
+    the jobs check again before loading weights (:func:`qbench.models.loading.check_seqlen`)."""
+    from .models.loading import check_seqlen, max_positions_of
+
+    ev = config.get("eval") or {}
+    lengths = [("eval.ppl.seqlen", (ev.get("ppl") or {}).get("seqlen")),
+               ("eval.stats.seqlen", (ev.get("stats") or {}).get("seqlen"))]
+    for name, stages in recipes.items():
+        for i, st in enumerate(parse_recipe(stages, f"recipes.{name}")):
+            for req in get_method(st.method).calib_requests(st.config):
+                lengths.append((f"recipes.{name}[{i}].{st.method}.seqlen", req.seqlen))
+    for m in models:
+        src = ((config.get("models") or {}).get(m) or {}).get("source") or {}
+        dirs = [Path("resources/models") / m]
+        if src.get("kind") == "local" and src.get("path"):
+            dirs.append(Path(src["path"]))
+        d = next((d for d in dirs if max_positions_of(d) is not None), None)
+        if d is None:
+            continue
+        for key, n in lengths:
+            try:
+                check_seqlen(d, n, key)
+            except ConfigError as e:
+                raise ConfigError(f"models.{m}: {e}") from None
+
+
+def check_config_files(*paths) -> None:
+    """Parse every config file strictly (:mod:`qbench.yamlio`): duplicate keys and malformed YAML
+    are one error naming the file and line. Snakemake's own loader keeps the last of duplicate keys
+    silently, so the Snakefile calls this on the default config and every ``--configfile``."""
+    from .yamlio import load_yaml_file
+
+    for p in paths:
+        if p and Path(p).is_file():
+            load_yaml_file(p)
+
+
+def schema_error_line(err) -> str:
+    """One line for a jsonschema ``ValidationError``: the config key and what is allowed (never the
+    schema itself, which Snakemake prints in full)."""
+    from jsonschema.exceptions import best_match
+
+    e = best_match([err]) or err
+    key = ".".join(str(k) for k in e.absolute_path) or "<top level>"
+    schema = e.schema if isinstance(e.schema, dict) else {}
+    if e.validator == "enum":
+        return f"config key {key}: {e.instance!r} is not one of {list(e.validator_value)}"
+    if e.validator == "additionalProperties":
+        allowed = sorted(schema.get("properties") or {})
+        extra = sorted(set(e.instance) - set(allowed)) if isinstance(e.instance, dict) else []
+        where = f"{key}." if e.absolute_path else ""
+        return (f"config key {where}{extra[0] if extra else '?'}: unknown key; allowed keys"
+                f"{' at ' + key if e.absolute_path else ''}: {', '.join(allowed)}")
+    if e.validator == "type":
+        return f"config key {key}: expected {e.validator_value}, got {type(e.instance).__name__} {_short(e.instance)}"
+    if e.validator == "required":
+        return f"config key {key}: {e.message}"
+    if e.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        return f"config key {key}={e.instance!r}: {e.validator} is {e.validator_value}"
+    return f"config key {key}: {_short(e.message, 200)}"
+
+
+def _short(obj, n: int = 60) -> str:
+    s = obj if isinstance(obj, str) else repr(obj)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def validate_config(config: dict, schema: str | Path) -> None:
+    """``snakemake.utils.validate`` (checks and fills defaults), with its error as one line
+    (:func:`schema_error_line`) instead of the failing sub-schema dump."""
+    from jsonschema.exceptions import ValidationError
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(schema))
+    except WorkflowError as e:
+        # Snakemake formats the ValidationError into its message; it is the implicit context
+        cause = next((c for c in (e.__cause__, e.__context__) if isinstance(c, ValidationError)), None)
+        if cause is None:
+            raise
+        raise ConfigError(schema_error_line(cause)) from None
+
+
+def or_exit(fn, *args, **kwargs):
+    """Call ``fn``; a user error (:func:`qbench.errors.user_error_line`) prints one line,
+    ``qbench: error: ...``, and exits with status 1 (used by the Snakefile while it loads the config,
+    where Snakemake would add its own location lines and a traceback)."""
+    from .errors import user_error_line
+
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        line = user_error_line(e)
+        if line is None:
+            raise
+        print(f"qbench: error: {line}", file=sys.stderr)
+        sys.exit(1)
 
 
 def resolve_exports(config: dict, recipes: dict) -> list[dict]:
@@ -171,7 +288,8 @@ def job(smk, gpu: bool = False):
         if line is None:
             raise
         line = f"qbench: error in rule {getattr(smk, 'rule', '?')}: {line}"
-        print(line, file=sys.stderr)
+        if stream:
+            print(line, file=sys.stderr)  # the log; the terminal gets it below
     finally:
         if slot:
             slot.release()

