@@ -15,7 +15,6 @@ from helpers import markov_tokens, tiny_llama
 from qbench.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 from qbench.cli import main
 from qbench.errors import ConfigError, NonFiniteError, user_error_line
-from qbench.methods.base import resolve_recipe
 from qbench.records import load_for_eval, write_record
 
 

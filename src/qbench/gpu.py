@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ConfigError
+
 MODES = ("auto", "scheduler", "lock")
 
 
@@ -101,7 +103,7 @@ def visible_devices() -> list[str]:
 def gpu_mode() -> str:
     mode = os.environ.get("QBENCH_GPU_MODE", "auto")
     if mode not in MODES:
-        raise ValueError(f"QBENCH_GPU_MODE={mode!r}: allowed values are {', '.join(MODES)}")
+        raise ConfigError(f"QBENCH_GPU_MODE={mode!r}: allowed values are {', '.join(MODES)}")
     if mode == "auto":
         return "scheduler" if os.environ.get("SLURM_JOB_ID") else "lock"
     return mode
@@ -210,5 +212,5 @@ def resolve_gpus(value) -> int:
     if value in (None, "auto"):
         return 0 if cluster_gpu_count() == 0 else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"runtime.gpus={value!r}: allowed values are auto or an integer >= 0")
+        raise ConfigError(f"runtime.gpus={value!r}: allowed values are auto or an integer >= 0")
     return value

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..fsutil import canonical_safetensors_header
-from ..errors import ConfigError, check_finite
+from ..errors import ConfigError, QbenchError, check_finite
 from .spec import CalibSet
 from ..modules import target_linears
 
@@ -46,7 +46,7 @@ FORMAT = "qbench-act-stats"
 FORMAT_VERSION = 1
 
 
-class StatsError(RuntimeError):
+class StatsError(QbenchError, RuntimeError):
     """A statistics file that is incomplete, corrupted or of an unknown format."""
 
 

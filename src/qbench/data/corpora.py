@@ -104,7 +104,7 @@ def split_documents(docs: list[str], eval_fraction: float = 0.5, seed: int = 0
     if not 0.0 < eval_fraction < 1.0:
         raise ConfigError(f"eval_fraction={eval_fraction} must be in (0, 1)")
     if len(docs) < 2:
-        raise ValueError(f"need at least 2 documents to split into calib and test, got {len(docs)}")
+        raise ConfigError(f"need at least 2 documents to split into calib and test, got {len(docs)}")
     order = sorted(range(len(docs)),
                    key=lambda i: hashlib.sha1((docs[i] + str(seed)).encode("utf-8")).hexdigest())
     total = sum(len(d) for d in docs)
@@ -163,7 +163,7 @@ def _tokenize(tokenizer, text: str, desc: str, progress: bool) -> np.ndarray:
         bar.update(1)
     arr = np.asarray(ids, dtype=np.int64)
     if arr.size and (arr.min() < 0 or arr.max() >= 2**31):
-        raise ValueError("token ids do not fit int32")
+        raise ConfigError("token ids do not fit int32")
     return arr.astype(np.int32)
 
 
@@ -177,14 +177,14 @@ def validate_corpus_source(name: str, source: dict) -> str:
         raise ConfigError(f"corpora.{name}.source must be a mapping with a 'kind' key, got {source!r}")
     kind = source.get("kind")
     if kind not in SOURCE_KINDS:
-        raise ValueError(f"corpora.{name}.source.kind={kind!r} is not supported; "
+        raise ConfigError(f"corpora.{name}.source.kind={kind!r} is not supported; "
                          f"allowed values: {', '.join(SOURCE_KINDS)}")
     unknown = sorted(set(source) - _SOURCE_KEYS[kind])
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'corpora.{name}.source.{k}' for k in unknown)} "
                          f"for kind {kind!r}; allowed keys: {', '.join(sorted(_SOURCE_KEYS[kind]))}")
     if kind == "local" and not source.get("path"):
-        raise ValueError(f"corpora.{name}.source.path is required for kind 'local'")
+        raise ConfigError(f"corpora.{name}.source.path is required for kind 'local'")
     if kind == "hf":
         resolve_hf_source(source, name)
     return kind
@@ -222,7 +222,7 @@ def corpus_documents(name: str, source: dict, *, eval_fraction: float = 0.5, see
                     dropped={"duplicates": len(docs) - len(unique)})
     _check_disjoint(calib, test, name)
     if not calib or not test:
-        raise ValueError(f"corpora.{name}: empty split (calib {len(calib)} docs, test {len(test)} docs)")
+        raise ConfigError(f"corpora.{name}: empty split (calib {len(calib)} docs, test {len(test)} docs)")
     return calib, test, info
 
 

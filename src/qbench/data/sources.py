@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, QbenchError
 
 __all__ = ["HF_PRESETS", "WIKI_FILE", "NEWS_FILE", "gensim_test_data", "iter_wiki_pages", "clean_wikitext",
            "is_disambiguation", "wiki_documents", "news_documents", "local_documents", "resolve_hf_source"]
@@ -284,7 +284,7 @@ def _read_local_file(path: Path, text_key: str, name: str) -> list[str]:
                     continue
                 obj = json.loads(line)
                 if not isinstance(obj, dict) or text_key not in obj:
-                    raise ValueError(f"{path}:{i}: no field {text_key!r} "
+                    raise ConfigError(f"{path}:{i}: no field {text_key!r} "
                                      f"(set corpora.{name}.source.text_key)")
                 text = str(obj[text_key]).strip()
                 if text:
@@ -330,7 +330,7 @@ def resolve_hf_source(source: dict, name: str = "hf") -> dict:
         if key in source:
             cfg[key] = source[key]
     if isinstance(cfg["split"], str) or not {"calib", "test"} <= set(cfg["split"] or {}):
-        raise ValueError(f"corpora.{name}.source.split must map calib and test to dataset splits, "
+        raise ConfigError(f"corpora.{name}.source.split must map calib and test to dataset splits, "
                          f"e.g. {{calib: train, test: test}}; got {cfg['split']!r}")
     return cfg
 
@@ -349,13 +349,13 @@ def _hf_side(cfg: dict, side: str, name: str) -> list[str]:
         data = datasets.load_dataset(*args, **kwargs)
     except Exception as e:
         offline = os.environ.get("HF_DATASETS_OFFLINE") or os.environ.get("HF_HUB_OFFLINE")
-        raise RuntimeError(
+        raise QbenchError(
             f"cannot load corpora.{name}.source (path={cfg['path']!r}, name={cfg['name']!r}, "
             f"split={kwargs['split']!r}): {type(e).__name__}: {e}"
             + (" (offline mode is set: the dataset must already be in the datasets cache)"
                if offline else "")) from e
     if cfg["text_key"] not in data.column_names:
-        raise ValueError(f"corpora.{name}.source.text_key={cfg['text_key']!r} is not a column of "
+        raise ConfigError(f"corpora.{name}.source.text_key={cfg['text_key']!r} is not a column of "
                          f"{cfg['path']} ({', '.join(data.column_names)})")
     limit = cfg[f"{side}_max_docs"]
     if limit is not None:

@@ -46,7 +46,7 @@ def sample_calibration(corpus_dir: str | Path, n: int, seqlen: int, seed: int):
         raise ConfigError(f"n={n} and seqlen={seqlen} must be positive")
     tokens = load_tokens(corpus_dir, "calib")
     if tokens.numel() < seqlen + 1:
-        raise ValueError(f"calibration split of {corpus_dir} has {tokens.numel()} tokens, fewer than "
+        raise ConfigError(f"calibration split of {corpus_dir} has {tokens.numel()} tokens, fewer than "
                          f"seqlen + 1 = {seqlen + 1}; use a shorter seqlen or a larger corpus")
     g = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, tokens.numel() - seqlen, (n,), generator=g)

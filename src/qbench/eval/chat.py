@@ -119,7 +119,7 @@ def evaluate_chat(path: str | Path, out_json: str | Path | None = None,
     device = pick_device(device)
     model, tok, manifest = load_for_eval(path, dtype=dtype, device=device)
     if tok is None:
-        raise ValueError(f"{path} has no tokenizer; chat needs one")
+        raise ConfigError(f"{path} has no tokenizer; chat needs one")
     prompts = list(SEED_PROMPTS if prompts is None else prompts)
     answers = chat(model, tok, prompts, max_new_tokens=max_new_tokens, system=system)
     n_tok = sum(a["n_tokens"] for a in answers)

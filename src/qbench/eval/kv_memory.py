@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import ConfigError
 from ..modules.kv_binding import cache_for_model, kv_binding, kv_dims_of_config
 from ..modules.kv_cache import cache_nbytes, fp16_nbytes
 
@@ -36,7 +37,7 @@ def kv_memory(model, tokens: torch.Tensor, context_lengths: Sequence[int] = (512
     device = next(model.parameters()).device
     tokens = torch.as_tensor(tokens).flatten().long()
     if tokens.numel() == 0:
-        raise ValueError("kv_memory: no tokens")
+        raise ConfigError("kv_memory: no tokens")
     n_layers, h, d = kv_dims_of_config(model.config)
     dtype_bytes = next(p for p in model.parameters() if p.is_floating_point()).element_size()
     binding = kv_binding(model)

@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import ConfigError
 from ..modules.kv_binding import cache_for_model, kv_binding
 
 __all__ = [
@@ -118,7 +119,7 @@ def build_prompt(tokenizer, haystack_ids: Sequence[int], context_length: int, de
     budget = max(context_length - overhead - 1, 1)
     hay = list(haystack_ids)
     if not hay:
-        raise ValueError("needle: the haystack is empty")
+        raise ConfigError("needle: the haystack is empty")
     while len(hay) < budget:
         hay = hay + list(haystack_ids)
     context = _decode(tokenizer, hay[:budget])
@@ -158,7 +159,7 @@ def run_needle(model, tokenizer, haystack=None, *, context_lengths: Sequence[int
 
     for d in depths:
         if not 0.0 <= float(d) <= 1.0:
-            raise ValueError(f"needle depth {d!r}: depths are fractions in [0, 1]")
+            raise ConfigError(f"needle depth {d!r}: depths are fractions in [0, 1]")
     if chat is None:
         chat = _has_chat_template(tokenizer)
     hay = _haystack_ids(tokenizer, haystack)

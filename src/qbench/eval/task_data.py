@@ -141,11 +141,11 @@ def write_multiple_choice_task(out_dir: str | Path, name: str, rows: list[dict],
     (extra fields are kept and usable in ``doc_to_text``): ``out_dir/<name>/<name>.yaml`` + jsonl.
     Each choice is scored as the continuation ``" " + choice`` after ``doc_to_text``."""
     if not name.startswith(LOCAL_PREFIX):
-        raise ValueError(f"local task names start with {LOCAL_PREFIX!r} (got {name!r})")
+        raise ConfigError(f"local task names start with {LOCAL_PREFIX!r} (got {name!r})")
     for i, r in enumerate(rows):
         if not isinstance(r.get("choices"), list) or not r["choices"] \
                 or not isinstance(r.get("answer"), int) or not 0 <= r["answer"] < len(r["choices"]):
-            raise ValueError(f"task {name} row {i}: needs choices (a non-empty list) and answer "
+            raise ConfigError(f"task {name} row {i}: needs choices (a non-empty list) and answer "
                              f"(an index into choices); got {r!r}")
     out_dir = Path(out_dir)
     d = out_dir / name
@@ -199,7 +199,7 @@ def read_mmlu(path: str | Path | None = None) -> tuple[list[dict], dict]:
             r = json.loads(line)
             missing = [k for k in MMLU_FIELDS if k not in r]
             if missing:
-                raise ValueError(f"{path}:{line_no + 1}: not an MMLU row (missing {', '.join(missing)}); "
+                raise ConfigError(f"{path}:{line_no + 1}: not an MMLU row (missing {', '.join(missing)}); "
                                  f"expected fields {', '.join(MMLU_FIELDS)}")
             if _header_like(r):
                 n_header += 1
@@ -367,7 +367,7 @@ def cloze_items(corpus_dir: str | Path, n: int = 200, seed: int = 0, *, min_word
                 context = " ".join(words[-max_words:])
             cands.append({"offset": start + m.start(1), "context": context, "target": " " + word})
     if not cands:
-        raise ValueError(f"{corpus_dir}: no cloze candidates (need paragraphs of >= {min_words + 1} words)")
+        raise ConfigError(f"{corpus_dir}: no cloze candidates (need paragraphs of >= {min_words + 1} words)")
     k = min(n, len(cands))
     chosen = sorted(random.Random(seed).sample(range(len(cands)), k))
     items = [dict(cands[i], id=j) for j, i in enumerate(chosen)]

@@ -84,7 +84,7 @@ def evaluate_tasks(path: str | Path, tasks: list[str], out_json: str | Path | No
     for n in local:  # fail before loading anything
         m = re.match(rf"{LOCAL_PREFIX}(cloze|wikitext)_(.+)$", n)
         if m and m.group(2) not in {_slug(c) for c in corpora}:
-            raise ValueError(f"task {n}: corpus {m.group(2)!r} is not given; corpora: "
+            raise ConfigError(f"task {n}: corpus {m.group(2)!r} is not given; corpora: "
                              f"{', '.join(corpora) or 'none'}")
         if not m and not n.startswith(f"{LOCAL_PREFIX}mmlu") and not include_path:
             raise ConfigError(f"unknown local task {n!r}; local tasks: qbench_mmlu, "
@@ -113,7 +113,7 @@ def evaluate_tasks(path: str | Path, tasks: list[str], out_json: str | Path | No
     try:
         model, tok, manifest = load_for_eval(path, dtype=dtype, device=device)
         if tok is None:
-            raise ValueError(f"{path} has no tokenizer; lm-eval needs one")
+            raise ConfigError(f"{path} has no tokenizer; lm-eval needs one")
         cache = None
         if cache_dir:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import QbenchError
 from ..methods.base import get_method, parse_recipe
 from ..modules import is_quantized_module
 
@@ -27,7 +28,7 @@ LAYER_KINDS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(QbenchError, ValueError):
     """A checkpoint the requested format cannot represent; the message names the recipe stage."""
 
 

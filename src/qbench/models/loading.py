@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..fsutil import atomic_dir
 from .adapters import SUPPORTED_MODEL_TYPES, check_supported
-from ..errors import ConfigError
+from ..errors import ConfigError, QbenchError
 
 CARD_NAME = "qbench_model_card.json"
 SOURCE_KINDS = ("gguf-package", "local", "hf")
@@ -271,7 +271,7 @@ def hf_snapshot(repo_id: str, revision: str | None = None) -> Path:
                 f"({cache_dir or 'default HF cache'}); unset HF_HUB_OFFLINE to download it, "
                 "or use model.source.kind='local'." if offline else
                 " Check the repo id/revision, network access and (for gated models) HF_TOKEN.")
-        raise RuntimeError(f"cannot fetch model.source.repo_id={repo_id!r} "
+        raise QbenchError(f"cannot fetch model.source.repo_id={repo_id!r} "
                            f"(revision={revision or 'main'}): {type(e).__name__}: {e}.{hint}") from e
     return Path(path)
 

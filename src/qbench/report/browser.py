@@ -20,6 +20,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ..errors import ConfigError
+
 PROBE = r"""
 <script>
 (function () {
@@ -97,7 +99,7 @@ def check_html_report(html: str | Path, *, screenshot: str | Path | None = None,
     text = Path(html).read_text(encoding="utf-8")
     end = text.rfind("</body>")  # the last one: scripts earlier in the file contain the string too
     if end < 0:
-        raise ValueError(f"{html}: not an HTML report (no </body>)")
+        raise ConfigError(f"{html}: not an HTML report (no </body>)")
     with tempfile.TemporaryDirectory(prefix="qbench-browser-") as tmp:
         probe = Path(tmp) / "report.html"
         probe.write_text(text[:end] + PROBE + text[end:], encoding="utf-8")
