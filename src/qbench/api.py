@@ -92,12 +92,11 @@ def quantize(model_dir: str | Path, recipe: list | None, out_dir: str | Path, *,
              dtype: str = "float32", device: str | None = None, progress: bool = True,
              recipe_name: str | None = None, log=print) -> dict:
     """Apply ``recipe`` to the model in ``model_dir`` and write a checkpoint to ``out_dir``."""
+    from .models.adapters import check_supported
     from .models.loading import check_seqlen, load_model, model_type_of
 
     device = pick_device(device)
     key = f"recipes.{recipe_name}" if recipe_name else "recipe"
-    from .models.adapters import check_supported
-
     check_supported(model_type_of(model_dir))  # before reading any weight
     for i, st in enumerate(parse_recipe(recipe, key)):  # calibration lengths the model can take
         for req in get_method(st.method).calib_requests(st.config):
