@@ -62,6 +62,9 @@ def resolve_config(config: dict) -> dict:
             stats[name] = [stages[0].config.calib_set().key]
         else:
             stats[name] = []
+    from .report.orderings import validate_orderings
+
+    validate_orderings(config.get("orderings"))  # structure only: unrun recipes are "not run"
     select = config.get("select") or {}
     chosen = {}
     for what, pool in (("models", config.get("models", {})), ("recipes", recipes)):

@@ -23,6 +23,7 @@ rule report:
         memory_md=report_item("reports/{model}/tables/memory.md", "Pareto", "memory"),
         memory_csv="reports/{model}/tables/memory.csv",
         pareto_png=report_item("reports/{model}/figures/pareto.png", "Pareto", "pareto"),
+        front_png=report_item("reports/{model}/figures/mixed_front.png", "Pareto", "mixed_front"),
         kv_md=report_item("reports/{model}/tables/kv_cache.md", "KV cache", "kv_cache"),
         needle_png=report_item("reports/{model}/figures/needle.png", "KV cache", "needle"),
         tasks_md=report_item("reports/{model}/tables/tasks.md", "Tasks", "tasks"),
@@ -41,6 +42,7 @@ rule report:
     params:
         recipes=RECIPES,
         kernels_dir=KERNELS_DIR,
+        orderings=json.dumps(config.get("orderings") or [], sort_keys=True),
         published=lambda wc: json.dumps({k: v for k, v in published_for(wc.model).items() if k != "file"},
                                         sort_keys=True),
     log:

@@ -12,7 +12,8 @@ with job(snakemake):  # noqa: F821 - injected by Snakemake
     api.build_report(smk.input.records, f"reports/{smk.wildcards.model}", model=smk.wildcards.model,
                      recipe_order=recipes, card=smk.input.card,
                      manifests={r: str(Path(d) / "qbench.json") for r, d in zip(recipes, smk.input.checkpoints)},
-                     outputs={k: v for k, v in smk.output.items()}, kernels_dir=smk.params.kernels_dir)
+                     outputs={k: v for k, v in smk.output.items()}, kernels_dir=smk.params.kernels_dir,
+                     orderings=json.loads(smk.params.orderings))
 
     pub = json.loads(smk.params.published)
     api.write_vs_published(smk.output.records_csv, smk.output.readme, smk.output.published_md,

