@@ -328,6 +328,13 @@ def prepare_model(source: dict, out_dir: str | Path, *, progress: bool = True) -
         with atomic_dir(out_dir) as tmp:
             _save(model, tokenizer, tmp)
             card = model_card(model, dict(source), source_hash, tmp)
+            if kind == "gguf-package":  # the grid the "fp" weights already sit on (issue 16)
+                from .source_grid import gguf_tensor_types, source_grid
+
+                grid = source_grid(model.state_dict(), gguf_tensor_types(
+                    find_package_file(source["package"], source["file"])))
+                if grid:
+                    card["source_grid"] = grid
             write_card(tmp, card)
     finally:
         if not progress and not was_disabled:

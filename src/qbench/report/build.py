@@ -11,7 +11,7 @@ from .escape import md_text
 from .frame import load_records
 from .noise import noise_lines
 from .orderings import orderings_table
-from .origin import origin_lines
+from .origin import baseline_lines, origin_lines
 from .speed import SPEED_FILES, speed_section
 from .plots import (empty_figure, plot_alpha_sweep, plot_distance, plot_mixed_front, plot_needle, plot_outliers,
                     plot_pareto, plot_ppl_vs_bits)
@@ -112,7 +112,7 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "`bits/weight` counts everything stored for the decoder-block linear layers "
         "(codes, scales, zeros, indices, outliers); `weights (MiB)` adds every other parameter in 16 bits; "
         "`quant time (s)` is the wall time of the quantize job's method stages on the machine that ran it.",
-        "", "## Perplexity", "", md, *family_sections(t),
+        "", *baseline_lines(card), "## Perplexity", "", md, *family_sections(t),
         "![perplexity vs effective bits](figures/ppl_vs_bits.png)", "",
         "## Mixed precision vs uniform", "",
         "Weight-only recipes between 2.2 and 4.6 effective bits per weight: one line per method; "

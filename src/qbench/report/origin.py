@@ -55,3 +55,27 @@ def origin_lines(df: pd.DataFrame, report_commit: str | None = None) -> list[str
                "(`tests/test_reproducible.py`).")
     out += [""] + [f"> **Warning:** {w}." for w in warnings] + ([""] if warnings else [])
     return out
+
+
+def baseline_lines(card: dict | None) -> list[str]:
+    """What the "fp" baseline really is when the model came from a quantized GGUF: its source
+    format, measured on the prepared weights (the model card's ``source_grid``, see
+    :mod:`qbench.models.source_grid`)."""
+    grid = (card or {}).get("source_grid") or {}
+    if "on_source_grid" not in grid:
+        return []
+    types = ", ".join(f"{n} {t}" for t, n in sorted(grid["tensor_types"].items(), key=lambda kv: -kv[1]))
+    rtn = grid.get("rtn") or {}
+    rtn_text = "; ".join(f"{k}: {v['sqnr_db']:.1f} dB SQNR, {v['exact_fraction']:.2%} of weights exact"
+                         for k, v in rtn.items())
+    return ["## Baseline: a dequantized model", "",
+            f"The model was dequantized from a GGUF file whose tensors are {types}: the `fp` baseline is a "
+            f"{grid['bits']}-bit model. Measured on its decoder linear weights ({grid['weights_measured']:,} "
+            f"weights, one decoder block in {grid['block_stride']}): {grid['on_source_grid']:.2%} lie exactly on "
+            f"the {grid['format']} grid ({grid['bits']} bits per block of {grid['block']} inputs, rebuilt from "
+            "each block), so a quantizer whose grid contains it (same bits and block, a float offset) "
+            "is lossless here while every other grid re-quantizes an already-quantized model. qbench's RTN "
+            f"at the same bits and block does not reproduce it ({rtn_text}): its integer zero point shifts "
+            "the grid. Cross-method comparisons at ≤ 4 bits therefore favour asymmetric block-32 float-offset "
+            "grids over symmetric, power-of-two (FP4) and binary-coded formats. No installable package ships "
+            "a small LLM in f16/bf16/f32 to compare against (the package lists were searched for one).", ""]
