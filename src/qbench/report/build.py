@@ -117,7 +117,8 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "## Mixed precision vs uniform", "",
         "Weight-only recipes between 2.2 and 4.6 effective bits per weight: one line per method; "
         "recipes whose stages declare per-layer widths (a bit allocation under an average-bits budget) "
-        "solid, uniform-width recipes dashed.", "", front_fig, "",
+        "solid, uniform-width recipes dashed.", "",
+        front_fig or "_No weight-only recipe with per-layer widths in that range was run._", "",
         *_orderings_section(df, orderings),
         "## Quality vs size (Pareto)", "",
         "Memory = weights + the KV cache at the longest measured context (measured bytes for KV-cache "

@@ -53,7 +53,9 @@ def origin_lines(df: pd.DataFrame, report_commit: str | None = None) -> list[str
     out.append("On a CPU, a rerun of the same config on the same commit and machine with the same "
                "`runtime.threads.eval` reproduces every perplexity record bit for bit "
                "(`tests/test_reproducible.py`).")
-    out += [""] + [f"> **Warning:** {w}." for w in warnings] + ([""] if warnings else [])
+    out.append("")
+    for w in warnings:
+        out += [f"> **Warning:** {w}.", ""]
     return out
 
 
