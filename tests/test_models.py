@@ -315,8 +315,8 @@ def test_gguf_package_smollm2(tmp_path):
     grid = card["source_grid"]
     assert grid["tensor_types"]["Q4_1"] == 210 and grid["format"] == "Q4_1"
     assert grid["on_source_grid"] == 1.0
-    assert 18 < grid["rtn"]["w4-g32-sym"]["sqnr_db"] < grid["rtn"]["w4-g32-asym"]["sqnr_db"] < 25
-    assert grid["rtn"]["w4-g32-asym"]["exact_fraction"] < 0.01
+    assert 18 < grid["integer_grid"]["w4-g32-sym"]["sqnr_db"] < grid["integer_grid"]["w4-g32-asym"]["sqnr_db"] < 25
+    assert grid["integer_grid"]["w4-g32-asym"]["exact_fraction"] < 0.01
 
 
 def test_source_grid_detects_block_formats():
@@ -341,5 +341,5 @@ def test_source_grid_detects_block_formats():
     sd = {f"model.layers.{i}.self_attn.q_proj.weight": q41 for i in range(2)}
     out = source_grid(sd, {"Q4_1": 2, "F32": 3})
     assert out["on_source_grid"] == 1.0 and out["weights_measured"] == 64 * 256  # layer 0 only
-    assert out["rtn"]["w4-g32-asym"]["exact_fraction"] < 0.5
+    assert out["integer_grid"]["w4-g32-asym"]["exact_fraction"] < 0.5
     assert source_grid({}, {"F16": 3}) == {"tensor_types": {"F16": 3}}

@@ -215,7 +215,7 @@ def test_baseline_bias_sentence_from_the_card():
     assert baseline_lines({"num_layers": 2}) == []
     card = {"source_grid": {"tensor_types": {"Q4_1": 210, "F32": 61, "Q8_0": 1}, "format": "Q4_1", "bits": 4,
                             "block": 32, "weights_measured": 35389440, "block_stride": 3, "on_source_grid": 1.0,
-                            "rtn": {"w4-g32-asym": {"sqnr_db": 21.69, "exact_fraction": 0.0027},
+                            "integer_grid": {"w4-g32-asym": {"sqnr_db": 21.69, "exact_fraction": 0.0027},
                                     "w4-g32-sym": {"sqnr_db": 20.13, "exact_fraction": 0.0006}}}}
     text = "\n".join(baseline_lines(card))
     assert "tensors are 210 Q4_1, 61 F32, 1 Q8_0" in text and "100.00% lie exactly on the Q4_1 grid" in text

@@ -12,7 +12,7 @@ weights and the report states it (the model card's ``source_grid``):
   per-block grid, rebuilt from each block of ``block`` inputs (Q4_1/Q5_1: ``min + k·(max−min)/(2^b−1)``;
   Q4_0/Q5_0: ``k·d`` with ``d = v/−2^(b−1)`` from the block's signed extreme ``v``; Q8_0:
   ``d = absmax/127``) — 1.0 means the format is reproduced exactly;
-* ``rtn``: qbench's RTN (integer zero point, the GPTQ convention) at the source's bits and block,
+* ``integer_grid``: qbench's RTN (integer zero point, the GPTQ convention) at the source's bits and block,
   asymmetric and symmetric: SQNR in dB and the share of weights reproduced exactly.
 
 Measured on every ``stride``-th decoder block (default 3) to keep the prepare step cheap.
@@ -101,7 +101,7 @@ def source_grid(state_dict: dict, tensor_types: dict[str, int], stride: int = 3)
     on_grid = sum(on_block_grid(w, fmt) * w.numel() for w in ws) / total
     kind = BLOCK_FORMATS[fmt][2]
     steps = [_grid(w, bits, block, kind)[1] for w in ws]
-    rtn = {}
+    ints = {}
     for sym in (False, True):
         spec = WeightQuantSpec(bits=min(bits, 8), group_size=block, sym=sym)
         err2, exact = 0.0, 0
@@ -109,7 +109,7 @@ def source_grid(state_dict: dict, tensor_types: dict[str, int], stride: int = 3)
             e = (fake_quantize_weight(w, spec).double() - w.double()).abs()
             err2 += e.pow(2).sum().item()
             exact += int((e <= TOL * step).sum().item())
-        rtn[f"w{bits}-g{block}-{'sym' if sym else 'asym'}"] = {"sqnr_db": _sqnr_db(err2, sig2),
+        ints[f"w{bits}-g{block}-{'sym' if sym else 'asym'}"] = {"sqnr_db": _sqnr_db(err2, sig2),
                                                                "exact_fraction": exact / total}
     return {"tensor_types": tensor_types, "format": fmt, "bits": bits, "block": block,
-            "weights_measured": total, "block_stride": stride, "on_source_grid": on_grid, "rtn": rtn}
+            "weights_measured": total, "block_stride": stride, "on_source_grid": on_grid, "integer_grid": ints}

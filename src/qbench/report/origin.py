@@ -67,9 +67,9 @@ def baseline_lines(card: dict | None) -> list[str]:
     if "on_source_grid" not in grid:
         return []
     types = ", ".join(f"{n} {t}" for t, n in sorted(grid["tensor_types"].items(), key=lambda kv: -kv[1]))
-    rtn = grid.get("rtn") or {}
-    rtn_text = "; ".join(f"{k}: {v['sqnr_db']:.1f} dB SQNR, {v['exact_fraction']:.2%} of weights exact"
-                         for k, v in rtn.items())
+    ints = grid.get("integer_grid") or {}
+    ints_text = "; ".join(f"{k}: {v['sqnr_db']:.1f} dB SQNR, {v['exact_fraction']:.2%} of weights exact"
+                         for k, v in ints.items())
     return ["## Baseline: a dequantized model", "",
             f"The model was dequantized from a GGUF file whose tensors are {types}: the `fp` baseline is a "
             f"{grid['bits']}-bit model. Measured on its decoder linear weights ({grid['weights_measured']:,} "
@@ -77,7 +77,7 @@ def baseline_lines(card: dict | None) -> list[str]:
             f"the {grid['format']} grid ({grid['bits']} bits per block of {grid['block']} inputs, rebuilt from "
             "each block), so a quantizer whose grid contains it (same bits and block, a float offset) "
             "is lossless here while every other grid re-quantizes an already-quantized model. qbench's RTN "
-            f"at the same bits and block does not reproduce it ({rtn_text}): its integer zero point shifts "
+            f"at the same bits and block does not reproduce it ({ints_text}): its integer zero point shifts "
             "the grid. Cross-method comparisons at ≤ 4 bits therefore favour asymmetric block-32 float-offset "
             "grids over symmetric, power-of-two (FP4) and binary-coded formats. No installable package ships "
             "a small LLM in f16/bf16/f32 to compare against (the package lists were searched for one).", ""]
