@@ -58,7 +58,7 @@ def test_tasks_table_shows_stderr_and_noise_verdict(tmp_path):
     assert "qbench_mmlu_anatomy/acc" not in t.columns  # per-subject rows are summarised by the group
     assert t.loc["w4", "vs fp (2σ)"] == "within noise" and t.loc["w3", "vs fp (2σ)"] == "worse"
     text = "\n".join(noise_lines(df, "fp", ["fp", "w4", "w3"]))
-    assert "`qbench_cloze_wiki` (`fp` 0.380 ± 0.030): significantly worse: w3 (-0.280)" in text
+    assert "qbench_cloze_wiki (fp 0.380 ± 0.030): significantly worse: w3 (-0.280)" in text
     assert "within noise: w4." in text
 
 
@@ -75,9 +75,9 @@ def test_orderings_verdicts_and_validation():
     v = {r["claim"]: r["verdict"] for r in check_orderings(df, orderings)}
     assert v == {"gptq<rtn": "partly", "kv4~fp": "holds", "kv4~fp tight": "does not hold",
                  "bcq>>rtn": "holds", "awq<=gptq": "not run"}
-    t = orderings_table(df, orderings).set_index("claim")
-    assert t.loc["awq<=gptq", "measured ppl (a vs b)"] == "not run: awq4"
-    assert "news: 60 vs 55 (1.09×) ✗" in t.loc["gptq<rtn", "measured ppl (a vs b)"]
+    t = orderings_table(df, orderings).set_index("claim")  # user text escaped for markdown/HTML
+    assert t.loc["awq&lt;=gptq", "measured ppl (a vs b)"] == "not run: awq4"
+    assert "news: 60 vs 55 (1.09×) ✗" in t.loc["gptq&lt;rtn", "measured ppl (a vs b)"]
     with pytest.raises(ConfigError, match=r"orderings\[0\].relation='<<': allowed values are"):
         validate_orderings([{"claim": "x", "a": "a", "relation": "<<", "b": "b"}])
     with pytest.raises(ConfigError, match=r"orderings\[0\].b: missing"):

@@ -15,6 +15,8 @@ import re
 
 import pandas as pd
 
+from .escape import md_text
+
 __all__ = ["Z", "task_accuracies", "task_average", "has_sigma", "significant", "noise_front", "format_pm",
            "noise_lines"]
 
@@ -112,7 +114,7 @@ def noise_lines(df: pd.DataFrame, baseline: str | None, recipe_order=None) -> li
     err = err.join(avg["avg acc σ"].rename("average"))
     order = [r for r in (recipe_order or []) if r in acc.index and r != baseline] + \
         sorted(set(acc.index) - set(recipe_order or []) - {baseline})
-    lines = [f"Differences from `{baseline}` larger than {Z:g} standard errors of the difference "
+    lines = [f"Differences from {md_text(baseline)} larger than {Z:g} standard errors of the difference "
              f"(√(σ₁² + σ₂²), lm-eval's per-task standard errors) are significant; smaller ones are noise "
              "and are not ranked (the task Pareto front treats them as ties).", ""]
     for task in acc.columns:
@@ -125,12 +127,12 @@ def noise_lines(df: pd.DataFrame, baseline: str | None, recipe_order=None) -> li
             if a != a:
                 continue
             if not has_sigma(sa, sb):
-                unknown.append(r)
+                unknown.append(md_text(r))
             elif not significant(a, sa, b, sb):
-                noise.append(r)
+                noise.append(md_text(r))
             else:
-                (better if a > b else worse).append(f"{r} ({a - b:+.3f})")
-        lines.append(f"* `{task}` (`{baseline}` {format_pm(b, sb)}): significantly worse: "
+                (better if a > b else worse).append(f"{md_text(r)} ({a - b:+.3f})")
+        lines.append(f"* {md_text(task)} ({md_text(baseline)} {format_pm(b, sb)}): significantly worse: "
                      f"{', '.join(worse) or 'none'}; significantly better: {', '.join(better) or 'none'}; "
                      f"within noise: {', '.join(noise) or 'none'}"
                      + (f"; no standard error (not ranked): {', '.join(unknown)}" if unknown else "") + ".")

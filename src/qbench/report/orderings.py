@@ -18,6 +18,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..errors import ConfigError
+from .escape import md_text
 
 __all__ = ["RELATIONS", "check_orderings", "orderings_table", "validate_orderings"]
 
@@ -111,8 +112,8 @@ def orderings_table(df: pd.DataFrame, orderings) -> pd.DataFrame:
         measured = "; ".join(f"{c}: {_num(a)} vs {_num(b)} ({a / b:.3g}×){'' if ok else ' ✗'}"
                              for c, (a, b, ok) in r["measured"].items())
         if r["verdict"] == "not run":
-            measured = f"not run: {', '.join(r['missing'])}"
-        rows.append({"claim": r["claim"], "source": r.get("source", ""),
-                     "checked as": f"{r['a']} {_relation_text(r)} {r['b']}",
+            measured = f"not run: {', '.join(md_text(m) for m in r['missing'])}"
+        rows.append({"claim": md_text(r["claim"]), "source": md_text(r.get("source", "")),
+                     "checked as": f"{md_text(r['a'])} {md_text(_relation_text(r))} {md_text(r['b'])}",
                      "measured ppl (a vs b)": measured, "here": r["verdict"]})
     return pd.DataFrame(rows)

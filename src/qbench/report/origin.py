@@ -8,6 +8,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..provenance import git_commit
+from .escape import md_text
 
 __all__ = ["origin_lines"]
 
@@ -66,7 +67,7 @@ def baseline_lines(card: dict | None) -> list[str]:
     grid = (card or {}).get("source_grid") or {}
     if "on_source_grid" not in grid:
         return []
-    types = ", ".join(f"{n} {t}" for t, n in sorted(grid["tensor_types"].items(), key=lambda kv: -kv[1]))
+    types = ", ".join(f"{n} {md_text(t)}" for t, n in sorted(grid["tensor_types"].items(), key=lambda kv: -kv[1]))
     ints = grid.get("integer_grid") or {}
     ints_text = "; ".join(f"{k}: {v['sqnr_db']:.1f} dB SQNR, {v['exact_fraction']:.2%} of weights exact"
                          for k, v in ints.items())
