@@ -51,3 +51,37 @@ def test_heartbeat_writes_periodically_and_stops():
 def test_job_label():
     assert job_label("quantize", ["smollm2-135m", "w4-awq-g64"]) == "quantize smollm2-135m/w4-awq-g64"
     assert job_label("report_index", None) == "report_index"
+
+
+def test_run_wide_calibration_defaults_fill_only_unset_keys():
+    """config `calibration`: filled into calibrating stages that do not set the key; explicit values
+    and non-calibrating stages unchanged (issue 13: the default run calibrates on 8 sequences)."""
+    from qbench.workflow import with_calibration
+
+    raw = [{"smoothquant": {"alpha": 0.5}}, {"rtn": {"w_bits": 4}}, "gptq",
+           {"gptq": {"w_bits": 3, "nsamples": 32}}]
+    out = with_calibration(raw, {"calib": "wiki", "nsamples": 8, "seqlen": 512})
+    assert out[0] == {"smoothquant": {"calib": "wiki", "nsamples": 8, "seqlen": 512, "alpha": 0.5}}
+    assert out[1] == {"rtn": {"w_bits": 4}}
+    assert out[2] == {"gptq": {"calib": "wiki", "nsamples": 8, "seqlen": 512}}
+    assert out[3]["gptq"]["nsamples"] == 32 and out[3]["gptq"]["seqlen"] == 512
+    assert with_calibration(raw, None) is raw and with_calibration("bad", {"nsamples": 8}) == "bad"
+
+
+def test_default_and_full_calibration_sizes():
+    import yaml
+
+    from qbench.workflow import resolve_config
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    res = resolve_config(cfg)
+    assert res["recipes"]["w3-gptq-g64"][0]["gptq"]["nsamples"] == 8
+    assert res["recipes"]["w8a8-llm-int8"][0]["llm_int8"]["nsamples"] == 8  # explicit
+    full = yaml.safe_load((root / "configs/full.yaml").read_text())
+    cfg["calibration"].update(full["calibration"])
+    cfg["recipes"].update(full["recipes"])
+    res = resolve_config(cfg)
+    assert res["recipes"]["w3-gptq-g64"][0]["gptq"]["nsamples"] == 16
+    assert res["recipes"]["w3-awq-g64"][0]["awq"]["nsamples"] == 16

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError
-from .methods.base import get_method, parse_recipe
+from .methods.base import CalibArgs, get_method, parse_recipe
 from .fsutil import atomic_json
 from .progress import PHASES, Heartbeat, job_label, process_age
 
@@ -31,6 +31,33 @@ def _check_source(kind_allowed, src: dict, key: str) -> None:
             raise ConfigError(f"{key}.path={path!r}: no such file or directory")
 
 
+CALIBRATION_KEYS = ("calib", "nsamples", "seqlen", "seed")
+
+
+def with_calibration(raw, defaults: dict | None):
+    """The recipe with the config's run-wide ``calibration`` defaults (corpus, sequences, length,
+    seed) filled into every calibrating stage that does not set them itself; other stages and
+    explicit values are unchanged (malformed recipes are returned as they are, for parse_recipe
+    to report)."""
+    if not defaults or not isinstance(raw, list):
+        return raw
+    out = []
+    for st in raw:
+        if isinstance(st, str):
+            st = {st: {}}
+        if isinstance(st, dict) and len(st) == 1:
+            (name, args), = st.items()
+            try:
+                method = get_method(name)
+            except ConfigError:
+                method = None
+            if method is not None and issubclass(method.Config, CalibArgs) and isinstance(args or {}, dict):
+                args = {**{k: v for k, v in defaults.items() if k in CALIBRATION_KEYS}, **(args or {})}
+                st = {name: args}
+        out.append(st)
+    return out
+
+
 def resolve_config(config: dict) -> dict:
     """Validate cross-references and resolve every recipe; raise ConfigError naming the key."""
     for name, m in config.get("models", {}).items():
@@ -45,7 +72,7 @@ def resolve_config(config: dict) -> dict:
     recipes, calib, stats = {}, {}, {}
     for name, raw in (config.get("recipes") or {}).items():
         key = f"recipes.{name}"
-        stages = parse_recipe(raw, key)
+        stages = parse_recipe(with_calibration(raw, config.get("calibration")), key)
         recipes[name] = [s.to_dict() for s in stages]
         needs = []
         for i, st in enumerate(stages):
