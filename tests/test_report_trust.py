@@ -158,6 +158,7 @@ def test_ppl_vs_bits_colours_markers_clipping_and_no_overlaps(tmp_path):
         legend = fig.legends[0]
         labels = [t.get_text() for t in legend.get_texts()]
         assert len(labels) == 15 and len(set(labels)) == 15
+        assert labels[0] == "fp (baseline)"  # the family is not repeated
         for h, lab in zip(legend.legend_handles, labels):
             fam = lab[lab.rindex("(") + 1:-1]
             assert to_hex(h.get_edgecolor()[0]) == to_hex(FAMILY_COLORS[fam])

@@ -334,7 +334,7 @@ def plot_ppl_vs_bits(df: pd.DataFrame, out_png: str | Path, title: str = "", ret
         for (f, m), h in handles.items():
             if f == fam:
                 legend_handles.append(h)
-                legend_labels.append(f"{m} ({fam})")
+                legend_labels.append(m if fam in m else f"{m} ({fam})")
     fig.legend(legend_handles, legend_labels, loc="center right", fontsize=7, frameon=False,
                title="colour: family · marker: method", title_fontsize=7)
     fig.tight_layout(rect=(0, 0, 1 - 2.6 / (7.5 * n + 2.6), 1))
