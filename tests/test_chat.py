@@ -91,8 +91,8 @@ def test_plain_fallback_and_record(tiny, tmp_path):
     ids, text, kind = C.build_chat_prompt(plain, "Hi")
     assert kind == "plain" and text == "User: Hi\nAssistant:"
     out = tmp_path / "chat.json"
-    rec = C.evaluate_chat(d, out, ["Hi", "What is perplexity?"], max_new_tokens=5, model_name="tiny",
-                          recipe_name="fp")
+    rec = C.evaluate_chat(d, out, ["Hi", "What is perplexity?"], max_new_tokens=5, dtype="float32",
+                          model_name="tiny", recipe_name="fp")
     on_disk = json.loads(out.read_text())
     assert on_disk["kind"] == "chat" and on_disk["recipe"] == "fp"
     assert [x["prompt"] for x in on_disk["answers"]] == ["Hi", "What is perplexity?"]

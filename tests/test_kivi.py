@@ -90,8 +90,8 @@ def test_perplexity_hook_and_generation_cache():
         cache = cache_for_model(model)
         assert isinstance(cache, KIVICache) and cache.settings["residual"] == 32
         # the packed cache's prefill (prefill_with_quant) gives the perplexity path's numbers exactly
-        assert torch.equal(model(ids, past_key_values=cache, use_cache=True).logits, fq)
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache_for_model(model),
+        assert torch.equal(model(ids, cache=cache, use_cache=True).logits, fq)
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache_for_model(model),
                              attention_mask=torch.ones_like(ids))
         assert out.shape == (1, 104)
 

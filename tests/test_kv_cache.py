@@ -24,7 +24,7 @@ def tiny():
 
 
 def _gen(model, ids, cache, n=24):
-    return model.generate(ids, max_new_tokens=n, do_sample=False, past_key_values=cache,
+    return model.generate(ids, max_new_tokens=n, do_sample=False, cache=cache,
                           attention_mask=torch.ones_like(ids))
 
 

@@ -157,7 +157,7 @@ def test_apply_calibrates_and_checkpoint_restores_codebooks(tmp_path):
         cache = cache_for_model(model)
         assert isinstance(cache, KVQuantCache)
         # packed cache prefill (prefill_with_quant) == fake-quant perplexity path
-        assert torch.equal(model(ids, past_key_values=cache, use_cache=True).logits, fq)
+        assert torch.equal(model(ids, cache=cache, use_cache=True).logits, fq)
         # the sink token is exact in the cache
         k_all, _ = cache.layers[0].dequantized()
         assert cache.layers[0].keys.shape[2] == 1
@@ -171,7 +171,7 @@ def test_apply_calibrates_and_checkpoint_restores_codebooks(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids, use_cache=False).logits, fq)
         out = loaded.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
-                              past_key_values=cache_for_model(loaded))
+                              cache=cache_for_model(loaded))
     assert out.shape == (1, 76)
 
 

@@ -122,12 +122,12 @@ def test_hook_cache_generation_and_checkpoint(tmp_path):
         cache = cache_for_model(model)
         assert isinstance(cache, QRazorKVCache)
         # the packed cache's prefill gives the perplexity path's logits exactly
-        assert torch.equal(model(ids, past_key_values=cache, use_cache=True).logits, fq)
+        assert torch.equal(model(ids, cache=cache, use_cache=True).logits, fq)
         # without prefill_with_quant the prefill attends in full precision
         c2 = cache_for_model(model, prefill_with_quant=False)
-        assert torch.equal(model(ids, past_key_values=c2, use_cache=True).logits, ref)
+        assert torch.equal(model(ids, cache=c2, use_cache=True).logits, ref)
         out = model.generate(ids, max_new_tokens=6, do_sample=False,
-                             past_key_values=cache_for_model(model),
+                             cache=cache_for_model(model),
                              attention_mask=torch.ones_like(ids))
         assert out.shape == (1, 76)
         # each greedy step through the cache = the hook path on the whole sequence

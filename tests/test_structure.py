@@ -209,19 +209,89 @@ def test_committed_report_rows_come_from_descriptors():
         assert got == {c: _cell(row[c]) for c in HEAD}, row["recipe"]
 
 
+def _schema_defaults(node, path=""):
+    """Every ``default`` the config schema states, by dotted key (``corpora.*``, ``export.*``)."""
+    out = {}
+    if "$ref" in node:
+        return out
+    for key, sub in (node.get("properties") or {}).items():
+        if "default" in sub:
+            out[f"{path}{key}"] = sub["default"]
+        out.update(_schema_defaults(sub, f"{path}{key}."))
+    for child in ("additionalProperties", "items"):
+        if isinstance(node.get(child), dict):
+            out.update(_schema_defaults(node[child], f"{path}*."))
+    return out
+
+
 def test_defaults_live_once_and_the_schema_agrees():
-    """``qbench.defaults`` is the one place of the shared defaults; the config schema states them."""
+    """Every default is written once, in the config schema; every Python entry point of a step (the
+    functions the workflow scripts and the commands call) defaults to the schema's value for its
+    key; the rules read no default of their own."""
+    import dataclasses
     import inspect
+    import re
 
     from qbench import api, defaults
+    from qbench.data.corpora import build_corpus
+    from qbench.eval import chat, kv_memory, needle, speed, stats, tasks
     from qbench.eval.ppl import perplexity
+    from qbench.export.gguf import export_gguf
+    from qbench.report.published import DEFAULT_TOLERANCE
 
+    def param(f, name):
+        v = inspect.signature(f).parameters[name].default
+        return list(v) if isinstance(v, tuple) else v
+
+    task_fields = {f.name: f.default for f in dataclasses.fields(tasks.TaskOptions)}
+    python = {  # schema key -> [(entry point, its parameter)]
+        "eval.ppl.seqlen": [(perplexity, "seqlen"), (api.evaluate_ppl, "seqlen"), (api.evaluate_ppl_text, "seqlen")],
+        "eval.ppl.max_windows": [(api.evaluate_ppl, "max_windows"), (api.evaluate_ppl_text, "max_windows")],
+        "eval.ppl.dtype": [(api.evaluate_ppl, "dtype"), (api.evaluate_ppl_text, "dtype")],
+        "eval.ppl.batch_size": [(api.evaluate_ppl, "batch_size"), (api.evaluate_ppl_text, "batch_size")],
+        "eval.kv.dtype": [(api.evaluate_kv, "dtype")],
+        **{f"eval.kv.needle.{k}": [(needle.run_needle, k)] for k in
+           ("context_lengths", "depths", "needles", "needle_template", "max_new_tokens", "prefill_with_quant")},
+        "eval.kv.memory.context_lengths": [(kv_memory.kv_memory, "context_lengths")],
+        **{f"eval.chat.{k}": [(chat.evaluate_chat, k)] for k in ("prompts", "max_new_tokens", "system", "dtype")},
+        "eval.chat.max_new_tokens": [(chat.evaluate_chat, "max_new_tokens"), (chat.chat, "max_new_tokens")],
+        **{f"eval.stats.{k}": [(stats.evaluate_stats, k)] for k in ("n_windows", "seqlen", "outlier_k", "dtype")},
+        **{f"eval.speed.{k}": [(speed.evaluate_speed, k)] for k in
+           ("prefill", "prompt", "steps", "batches", "repeats", "dtype")},
+        "runtime.quantize_dtype": [(api.quantize, "dtype"), (api.calib_stats, "dtype")],
+        "corpora.*.eval_fraction": [(build_corpus, "eval_fraction")],
+        "corpora.*.seed": [(build_corpus, "seed")],
+        "export.*.float_type": [(export_gguf, "float_type")],
+        "export.*.require_exact": [(export_gguf, "require_exact")],
+    }
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
-    ppl = schema["properties"]["eval"]["properties"]["ppl"]["properties"]
-    assert ppl["seqlen"]["default"] == defaults.PPL_SEQLEN
-    assert tuple(ppl["dtype"]["enum"]) == defaults.DTYPE_NAMES
-    for f in (perplexity, api.evaluate_ppl, api.evaluate_ppl_text):
-        assert inspect.signature(f).parameters["seqlen"].default == defaults.PPL_SEQLEN
+    stated = _schema_defaults(schema)
+    for key, uses in python.items():
+        for f, name in uses:
+            assert param(f, name) == stated[key], (key, f.__qualname__, name)
+    for key in ("mmlu_subset", "cloze_n", "wikitext_max_docs", "num_fewshot", "limit", "batch_size",
+                "max_length", "dtype"):
+        assert task_fields[key] == stated[f"eval.tasks.{key}"], key
+    from qbench.workflow import PROGRESS_SECONDS
+
+    assert PROGRESS_SECONDS == stated["runtime.progress_seconds"]
+    assert {"ppl": DEFAULT_TOLERANCE["ppl"], "acc": DEFAULT_TOLERANCE["acc"]} == \
+        {k: stated[f"published.tolerance.{k}"] for k in ("ppl", "acc")}
+    # every evaluation default the schema states has a Python reader checked above (or is a
+    # rule-only key: runtime resources, the published file, the gpus)
+    rule_only = {k for k in stated if re.match(r"runtime\.(threads|mem_mb|minutes|gpus)|published\.file|export$"
+                                              r"|runtime$|eval\.\w+\.(recipes|tasks|corpora)$", k)}
+    checked = set(python) | {f"eval.tasks.{k}" for k in task_fields} | {
+        "published.tolerance.ppl", "published.tolerance.acc", "runtime.progress_seconds"}
+    assert set(stated) - checked - rule_only == set()
+    assert defaults.PPL_SEQLEN == stated["eval.ppl.seqlen"] and defaults.EVAL["speed"]["batches"] == [1, 16]
+    assert tuple(schema["properties"]["eval"]["properties"]["ppl"]["properties"]["dtype"]["enum"]) == \
+        defaults.DTYPE_NAMES
+    # the rules take every default from qbench.defaults.settings, none of their own
+    for smk in (ROOT / "workflow/rules").glob("*.smk"):
+        text = smk.read_text()
+        # (the stats corpus defaults to the first perplexity corpus: derived, not a literal)
+        assert not re.search(r"""\.get\(["'][a-z_]+["'], (?!PPL_CORPORA\[0\]\))""", text), smk.name
     literal = [p for p in MODULES.values() if p.name != "defaults.py" and "2048)" in p.read_text()
                and "seqlen" in p.read_text() and "= 2048" in p.read_text()]
     assert literal == []

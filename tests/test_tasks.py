@@ -1,5 +1,6 @@
 """lm-eval bridge: offline local tasks scored on our in-memory model agree with a direct
 log-likelihood computation; MMLU subset writer; cloze and rolling-perplexity tasks."""
+import dataclasses
 import json
 import math
 import os
@@ -97,8 +98,9 @@ def test_quantized_model_is_what_gets_scored(tiny, tmp_path):
     q_model, _, _ = api.load_for_eval(ck)
     T.write_multiple_choice_task(tmp_path / "extra", "qbench_toy_mc", MC_ROWS)
     out = tmp_path / "rec.json"
-    rec = T.evaluate_tasks(ck, ["qbench_toy_mc"], out, include_path=tmp_path / "extra",
-                           log_samples=True, cache_dir=tmp_path / "cache", recipe_name="w2")
+    opts = T.TaskOptions(include_path=tmp_path / "extra", log_samples=True, cache_dir=tmp_path / "cache",
+                         dtype="float32")
+    rec = T.evaluate_tasks(ck, ["qbench_toy_mc"], out, options=opts, recipe_name="w2")
     assert json.loads(out.read_text())["kind"] == "tasks"
     assert rec["recipe"] == "w2" and rec["recipe_resolved"][0]["rtn"]["w_bits"] == 2
     prompt = lambda r: f"{r['question']}\nAnswer:"  # noqa: E731
@@ -111,8 +113,7 @@ def test_quantized_model_is_what_gets_scored(tiny, tmp_path):
     assert rec["metrics"]["qbench_toy_mc/acc"] == pytest.approx(sum(q_acc) / len(q_acc), abs=1e-12)
     assert rec["eval"]["cache"] and list((tmp_path / "cache").glob("lm_eval-*"))
     # cached re-run gives identical numbers
-    rec2 = T.evaluate_tasks(ck, ["qbench_toy_mc"], None, include_path=tmp_path / "extra",
-                            cache_dir=tmp_path / "cache")
+    rec2 = T.evaluate_tasks(ck, ["qbench_toy_mc"], None, options=dataclasses.replace(opts, log_samples=False))
     assert rec2["tasks"]["qbench_toy_mc"]["acc"] == rec["tasks"]["qbench_toy_mc"]["acc"]
 
 

@@ -195,13 +195,13 @@ def test_toy_methods_get_report_rows_and_a_working_cache(toy, model_dir, tmp_pat
     assert kv_binding(kv_model).method == "toy_kv8"
     cache = cache_for_model(kv_model)
     assert type(cache).__name__ == "ToyKVCache"
-    out = kv_model.generate(ids[:40].unsqueeze(0), max_new_tokens=5, do_sample=False, past_key_values=cache)
+    out = kv_model.generate(ids[:40].unsqueeze(0), max_new_tokens=5, do_sample=False, cache=cache)
     assert out.shape[1] == 45 and cache.get_seq_length() == 44
     assert cache.layers[0].k_codes.dtype == torch.int8
     # the cache hands attention exactly what the perplexity hook simulates
     with torch.no_grad():
         hooked = kv_model(ids[:50].unsqueeze(0), use_cache=False).logits
-        cached = kv_model(ids[:50].unsqueeze(0), past_key_values=cache_for_model(kv_model), use_cache=True).logits
+        cached = kv_model(ids[:50].unsqueeze(0), cache=cache_for_model(kv_model), use_cache=True).logits
     torch.testing.assert_close(hooked, cached, rtol=1e-5, atol=1e-5)
     # the memory evaluation measures the toy cache and checks it against the toy's formula
     mem = kv_memory(kv_model, ids, context_lengths=(100, 300))

@@ -15,13 +15,16 @@ import torch
 
 from .calib.spec import CalibSet
 from .checkpoint import DTYPES, save_checkpoint
-from .defaults import PPL_SEQLEN as SEQLEN
+from .defaults import EVAL, RUNTIME
 from .fsutil import atomic_json
 from .errors import ConfigError, check_finite
 from .methods.base import QuantContext, get_method, parse_recipe
 from .progress import PHASES, timed
 from .provenance import hash_obj
 from .records import base_record, load_for_eval, pick_device, set_threads, write_record  # noqa: F401
+
+
+_PPL = EVAL["ppl"]  # config eval.ppl: defaults written once, in the schema (qbench.defaults)
 
 
 def _calibration_provider(calib_dirs: dict[str, str], tokens_cache: dict):
@@ -89,7 +92,7 @@ def quantize_home(recipe: list | None, device: str) -> str:
 
 def quantize(model_dir: str | Path, recipe: list | None, out_dir: str | Path, *,
              calib_dirs: dict[str, str] | None = None, stats_dirs: dict[str, str] | None = None,
-             dtype: str = "float32", device: str | None = None, progress: bool = True,
+             dtype: str = RUNTIME["quantize_dtype"], device: str | None = None, progress: bool = True,
              recipe_name: str | None = None, log=print) -> dict:
     """Apply ``recipe`` to the model in ``model_dir`` and write a checkpoint to ``out_dir``."""
     from .models.adapters import check_supported
@@ -138,7 +141,7 @@ def quantize(model_dir: str | Path, recipe: list | None, out_dir: str | Path, *,
 
 
 def calib_stats(model_dir: str | Path, corpus_dir: str | Path, out_file: str | Path, *, n: int,
-                seqlen: int, seed: int, dtype: str = "float32", device: str | None = None,
+                seqlen: int, seed: int, dtype: str = RUNTIME["quantize_dtype"], device: str | None = None,
                 progress: bool = True) -> dict:
     """Collect and store the shared activation statistics of one calibration set."""
     from .calib.stats import collect_act_stats, save_stats
@@ -156,8 +159,9 @@ def calib_stats(model_dir: str | Path, corpus_dir: str | Path, out_file: str | P
 
 
 def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, str] | None = None, *,
-                 seqlen: int = SEQLEN, max_windows: int | None = None, dtype: str = "float32",
-                 device: str | None = None, batch_size: int = 1, progress: bool = True,
+                 seqlen: int = _PPL["seqlen"], max_windows: int | None = _PPL["max_windows"],
+                 dtype: str = _PPL["dtype"], device: str | None = None, batch_size: int = _PPL["batch_size"],
+                 progress: bool = True,
                  model_name: str | None = None, recipe_name: str | None = None) -> dict[str, dict]:
     """Perplexity of a checkpoint/model on each corpus dir (its ``test.npy``); one record each."""
     from .data.tokens import load_tokens
@@ -186,9 +190,11 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
     return records
 
 
-def evaluate_ppl_text(path: str | Path, text_file: str | Path, *, seqlen: int = SEQLEN,
-                      max_windows: int | None = None, dtype: str = "float32", device: str | None = None,
-                      progress: bool = True) -> dict:
+def evaluate_ppl_text(path: str | Path, text_file: str | Path, *, seqlen: int = _PPL["seqlen"],
+                      max_windows: int | None = _PPL["max_windows"], dtype: str = _PPL["dtype"],
+                      device: str | None = None, batch_size: int = _PPL["batch_size"],
+                      progress: bool = True, model_name: str | None = None,
+                      recipe_name: str | None = None) -> dict:
     """Perplexity of a checkpoint/model on a raw text file (tokenized with the model's tokenizer)."""
     from .eval.ppl import perplexity
     from .models.loading import check_seqlen
@@ -200,23 +206,26 @@ def evaluate_ppl_text(path: str | Path, text_file: str | Path, *, seqlen: int = 
     if tok is None:
         raise ConfigError(f"{path} has no tokenizer; cannot tokenize {text_file}")
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    res = perplexity(model, ids, seqlen, max_windows, 1, progress)
-    return base_record("ppl", manifest, model=str(path), recipe=None, device=device, dtype=dtype,
+    res = perplexity(model, ids, seqlen, max_windows, batch_size, progress)
+    return base_record("ppl", manifest, model=model_name, recipe=recipe_name, device=device, dtype=dtype,
                        corpus=str(text_file), metrics=res,
-                       eval={"seqlen": seqlen, "max_windows": max_windows, "batch_size": 1})
+                       eval={"seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size})
 
 
 def evaluate_kv(path: str | Path, corpus_dir: str | Path, *, needle_json: str | Path | None = None,
                 memory_json: str | Path | None = None, needle: dict | None = None,
-                memory: dict | None = None, dtype: str = "float32", device: str | None = None,
+                memory: dict | None = None, dtype: str = EVAL["kv"]["dtype"], device: str | None = None,
                 progress: bool = True, model_name: str | None = None,
                 recipe_name: str | None = None) -> dict:
     """Needle-in-a-haystack retrieval and KV-cache bytes of one checkpoint (haystack and prefill
-    tokens from the corpus's evaluation split); one record each."""
+    tokens from the corpus's evaluation split); one record each. ``needle`` / ``memory``: the
+    config's ``eval.kv.needle`` / ``eval.kv.memory`` keys, over their defaults."""
     from .data.tokens import load_tokens
     from .eval.kv_memory import kv_memory
     from .eval.needle import run_needle
 
+    needle = {**EVAL["kv"]["needle"], **(needle or {})}
+    memory = {**EVAL["kv"]["memory"], **(memory or {})}
     device = pick_device(device)
     model, tok, manifest = load_for_eval(path, dtype=dtype, device=device)
     tokens = load_tokens(corpus_dir, "test")
@@ -225,12 +234,12 @@ def evaluate_kv(path: str | Path, corpus_dir: str | Path, *, needle_json: str | 
                   corpus=Path(corpus_dir).name,
                   execution="generation through the recipe's KV cache (packed low-bit tensors)")
     if needle_json:
-        res = run_needle(model, tok, tokens[:65536].tolist(), progress=progress, **(needle or {}))
-        out["needle"] = base_record("needle", manifest, metrics=res, eval=needle or {}, **common)
+        res = run_needle(model, tok, tokens[:65536].tolist(), progress=progress, **needle)
+        out["needle"] = base_record("needle", manifest, metrics=res, eval=needle, **common)
         atomic_json(needle_json, out["needle"])
     if memory_json:
-        res = kv_memory(model, tokens, progress=progress, **(memory or {}))
-        out["memory"] = base_record("kv_memory", manifest, metrics=res, eval=memory or {}, **common)
+        res = kv_memory(model, tokens, progress=progress, **memory)
+        out["memory"] = base_record("kv_memory", manifest, metrics=res, eval=memory, **common)
         atomic_json(memory_json, out["memory"])
     return out
 
@@ -259,11 +268,18 @@ def evaluate_chat(*args, **kwargs) -> dict:
     return run(*args, **kwargs)
 
 
-def evaluate_tasks(*args, **kwargs) -> dict:
-    """lm-eval tasks on one checkpoint (:func:`qbench.eval.tasks.evaluate_tasks`)."""
-    from .eval.tasks import evaluate_tasks as run
+def evaluate_tasks(path: str | Path, tasks: list[str], out_json: str | Path | None = None, *,
+                   corpora: dict | None = None, options=None, model_name: str | None = None,
+                   recipe_name: str | None = None) -> dict:
+    """lm-eval tasks on one checkpoint (:func:`qbench.eval.tasks.evaluate_tasks`); ``options`` a
+    :class:`~qbench.eval.tasks.TaskOptions` or a dict of its fields (e.g. a config ``eval.tasks``
+    section: keys that are not options are ignored)."""
+    from .eval.tasks import TaskOptions, evaluate_tasks as run
 
-    return run(*args, **kwargs)
+    if isinstance(options, dict):
+        options = TaskOptions.from_config(options)
+    return run(path, tasks, out_json, corpora=corpora, options=options, model_name=model_name,
+               recipe_name=recipe_name)
 
 
 def evaluate_stats(*args, **kwargs) -> dict:

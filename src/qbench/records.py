@@ -59,7 +59,7 @@ def load_for_eval(path: str | Path, *, dtype: str = "float32", device: str = "cp
             from .models.loading import load_model
 
             model, tok = load_model(path, dtype=dtype, device=device)
-            manifest = {**PLAIN_MANIFEST, "descriptor": {"stages": []}}
+            manifest = {**PLAIN_MANIFEST, "descriptor": {"stages": []}, "inputs": {"model_dir": str(path)}}
     return model, tok, {**manifest, "backend": model_backend(model)}
 
 
@@ -75,8 +75,15 @@ def descriptor_of(manifest: dict) -> dict:
 def base_record(kind: str, manifest: dict, *, model: str | None, recipe: str | None, device: str,
                 dtype: str, execution: str | None = None, **extra) -> dict:
     """The fields every record has: what was evaluated (recipe, its hash and descriptor, bits,
-    calibration), how (execution path, dtype) and where (provenance)."""
+    calibration), how (execution path, dtype) and where (provenance). ``model`` / ``recipe`` left
+    None are the manifest's: the recipe name the checkpoint was quantized under and the name of the
+    model directory it came from (the pipeline's ``{model}`` / ``{recipe}``), so a record made by a
+    command names what the pipeline's record of the same checkpoint names."""
     stats = manifest.get("stats", {})
+    if recipe is None:
+        recipe = stats.get("recipe_name")
+    if model is None and manifest.get("inputs", {}).get("model_dir"):
+        model = Path(manifest["inputs"]["model_dir"]).name
     return {
         "kind": kind,
         "model": model,

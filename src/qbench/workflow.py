@@ -10,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+from .defaults import section as default_section
 from .errors import ConfigError
 from .methods.base import CalibArgs, get_method, parse_recipe
 from .fsutil import atomic_json
 from .progress import PHASES, Heartbeat, job_label, process_age
 
-PROGRESS_SECONDS = 20  # runtime.progress_seconds: a terminal line per running job this often
+PROGRESS_SECONDS = default_section("runtime")["progress_seconds"]  # a terminal line per running job this often
 
 MODEL_SOURCES = ("gguf-package", "local", "hf")
 CORPUS_SOURCES = ("wiki", "news", "local", "hf")
@@ -237,7 +238,8 @@ def resolve_exports(config: dict, recipes: dict) -> list[dict]:
             check_stages({"recipe": recipes[e["recipe"]], "stats": {"recipe_name": e["recipe"]}}, e["format"])
         except ExportError as err:
             raise ConfigError(f"{key}: {err}") from None
-        opts = {"float_type": e.get("float_type", "auto"), "require_exact": bool(e.get("require_exact", False))} \
+        d = {**default_section("export.*"), **e}
+        opts = {"float_type": d["float_type"], "require_exact": bool(d["require_exact"])} \
             if e["format"] == "gguf" else {}
         out.append({"recipe": e["recipe"], "format": e["format"], "options": opts})
     return out

@@ -11,7 +11,7 @@ rule calib_stats:
         stats=f"results/{{model}}/calib/{CALIB_KEY}/stats.safetensors",
         meta=f"results/{{model}}/calib/{CALIB_KEY}/stats.json",
     params:
-        dtype=RUNTIME.get("quantize_dtype", "float32"),
+        dtype=RUNTIME["quantize_dtype"],
     log:
         f"logs/{{model}}/calib/{CALIB_KEY}.log",
     benchmark:

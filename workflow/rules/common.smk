@@ -5,27 +5,33 @@ import json
 from pathlib import Path
 
 from qbench.calib.spec import KEY_PATTERN as CALIB_KEY  # {corpus}-{n}x{seqlen}-s{seed}
+from qbench.defaults import section as default_section, settings
 from qbench.gpu import resolve_gpus
 from qbench.workflow import or_exit, resolve_config
 
 RESOLVED = or_exit(resolve_config, config)  # one clear line naming the bad key, before any job
 MODELS = RESOLVED["models"]  # config `select.models` or every model
 RECIPES = RESOLVED["selected_recipes"]  # config `select.recipes` or every recipe
-PPL_CORPORA = config["eval"]["ppl"]["corpora"]
-RUNTIME = config.get("runtime", {})
+# Each section is the config's over its defaults (written once, in the schema: qbench.defaults).
+RUNTIME = settings(config, "runtime")
+PPL_EVAL = settings(config, "eval.ppl")
+PPL_CORPORA = PPL_EVAL["corpora"]
+KV_EVAL = settings(config, "eval.kv")
+KV_RECIPES = [r for r in KV_EVAL["recipes"] if r in RECIPES]
+TASKS_EVAL = settings(config, "eval.tasks")
+CHAT_EVAL = settings(config, "eval.chat")
+STATS_EVAL = settings(config, "eval.stats")
+SPEED_EVAL = settings(config, "eval.speed")
 
 
-KV_EVAL = config["eval"].get("kv") or {}
-KV_RECIPES = [r for r in KV_EVAL.get("recipes", []) if r in RECIPES]
-TASKS_EVAL = config["eval"].get("tasks") or {}
-CHAT_EVAL = config["eval"].get("chat") or {}
-STATS_EVAL = config["eval"].get("stats") or {}
-SPEED_EVAL = config["eval"].get("speed") or {}
+def corpus_settings(name):
+    """One configured corpus over the defaults of every corpus entry (eval_fraction, seed)."""
+    return {**default_section("corpora.*"), **config["corpora"][name]}
 
 
 def _eval_recipes(section):
     """Recipes an optional evaluation runs on: its `recipes` list, or every recipe with `all`."""
-    names = section.get("recipes", [])
+    names = section["recipes"]
     return list(RECIPES) if names == "all" else [r for r in names if r in RECIPES]
 
 
@@ -87,30 +93,27 @@ def published_for(model):
     """Published values this model's report compares with (config `published`): the CSV (absolute
     path; relative ones are relative to the repository), the file's model name and the tolerance;
     {} when none are configured for it."""
-    pub = config.get("published") or {}
+    pub = settings(config, "published")
     name = (pub.get("models") or {}).get(model)
     if not name:
         return {}
-    source = pub.get("file", "reports/expected/qllm-infer.csv")
+    source = pub["file"]
     path = Path(source) if Path(source).is_absolute() else Path(workflow.basedir) / source
-    return {"file": str(path), "source": source, "model": name, "tolerance": pub.get("tolerance") or {}}
+    return {"file": str(path), "source": source, "model": name, "tolerance": pub["tolerance"]}
 
 
 def threads_for(kind):
-    return int(RUNTIME.get("threads", {}).get(kind, 1))
+    return int(RUNTIME["threads"][kind])
 
 
-GPUS = resolve_gpus(RUNTIME.get("gpus", "auto"))  # GPUs per GPU job; 0 = GPU rules run on the CPU
-JOB_MEM_MB = {"prepare": 4000, "quantize": 8000, "eval": 4000, "report": 2000}
-JOB_MINUTES = {"prepare": 60, "quantize": 120, "eval": 120, "report": 30}
+GPUS = resolve_gpus(RUNTIME["gpus"])  # GPUs per GPU job; 0 = GPU rules run on the CPU
 
 
 def job_resources(kind, gpu=False):
     """Resources of one job kind (prepare, quantize, eval, report) from `runtime.mem_mb` /
     `runtime.minutes`; GPU rules also ask for `runtime.gpus` GPUs (none when it is 0). Cluster
     executors turn these into the job request (SLURM: --mem, -t, --gpus); see profiles/slurm."""
-    res = {"mem_mb": int(RUNTIME.get("mem_mb", {}).get(kind, JOB_MEM_MB[kind])),
-           "runtime": int(RUNTIME.get("minutes", {}).get(kind, JOB_MINUTES[kind]))}
+    res = {"mem_mb": int(RUNTIME["mem_mb"][kind]), "runtime": int(RUNTIME["minutes"][kind])}
     if gpu and GPUS:
         res["gpu"] = GPUS
     return res

@@ -8,8 +8,8 @@ rule corpus:
         meta="resources/data/{model}/{corpus}/corpus.json",
     params:
         source=lambda wc: json.dumps(config["corpora"][wc.corpus]["source"], sort_keys=True),
-        eval_fraction=lambda wc: config["corpora"][wc.corpus].get("eval_fraction", 0.5),
-        seed=lambda wc: config["corpora"][wc.corpus].get("seed", 0),
+        eval_fraction=lambda wc: corpus_settings(wc.corpus)["eval_fraction"],
+        seed=lambda wc: corpus_settings(wc.corpus)["seed"],
     log:
         "logs/{model}/corpus-{corpus}.log",
     threads: 1

@@ -10,10 +10,10 @@ rule eval_ppl:
         records=expand("results/{{model}}/{{recipe}}/eval/ppl-{corpus}.json", corpus=PPL_CORPORA),
     params:
         corpora=PPL_CORPORA,
-        seqlen=config["eval"]["ppl"]["seqlen"],
-        max_windows=config["eval"]["ppl"].get("max_windows"),
-        dtype=config["eval"]["ppl"].get("dtype", "float32"),
-        batch_size=config["eval"]["ppl"].get("batch_size", 1),
+        seqlen=PPL_EVAL["seqlen"],
+        max_windows=PPL_EVAL["max_windows"],
+        dtype=PPL_EVAL["dtype"],
+        batch_size=PPL_EVAL["batch_size"],
     log:
         "logs/{model}/{recipe}/eval_ppl.log",
     benchmark:
@@ -30,14 +30,14 @@ rule eval_ppl:
 rule eval_kv:
     input:
         checkpoint="results/{model}/{recipe}/checkpoint",
-        corpus=lambda wc: f"resources/data/{wc.model}/{config['eval']['kv']['corpus']}/corpus.json",
+        corpus=lambda wc: f"resources/data/{wc.model}/{KV_EVAL['corpus']}/corpus.json",
     output:
         needle="results/{model}/{recipe}/eval/needle.json",
         memory="results/{model}/{recipe}/eval/kv_memory.json",
     params:
-        needle=json.dumps(config["eval"]["kv"].get("needle", {}), sort_keys=True),
-        memory=json.dumps(config["eval"]["kv"].get("memory", {}), sort_keys=True),
-        dtype=config["eval"]["kv"].get("dtype", "float32"),
+        needle=lambda wc: json.dumps(KV_EVAL["needle"], sort_keys=True),  # a function: the template has {value}
+        memory=json.dumps(KV_EVAL["memory"], sort_keys=True),
+        dtype=KV_EVAL["dtype"],
     log:
         "logs/{model}/{recipe}/eval_kv.log",
     benchmark:
@@ -57,21 +57,21 @@ rule eval_tasks:
         corpora=lambda wc: expand(
             "resources/data/{model}/{corpus}/corpus.json",
             model=wc.model,
-            corpus=TASKS_EVAL.get("corpora", []),
+            corpus=TASKS_EVAL["corpora"],
         ),
     output:
         record="results/{model}/{recipe}/eval/tasks.json",
     params:
-        tasks=lambda wc: TASKS_EVAL.get("tasks", []),
-        corpora=TASKS_EVAL.get("corpora", []),
-        mmlu_subset=TASKS_EVAL.get("mmlu_subset", 10),
-        cloze_n=TASKS_EVAL.get("cloze_n", 200),
-        wikitext_max_docs=TASKS_EVAL.get("wikitext_max_docs"),
-        num_fewshot=TASKS_EVAL.get("num_fewshot"),
-        limit=TASKS_EVAL.get("limit"),
-        batch_size=TASKS_EVAL.get("batch_size", 1),
-        max_length=TASKS_EVAL.get("max_length"),
-        dtype=TASKS_EVAL.get("dtype", "float32"),
+        tasks=lambda wc: TASKS_EVAL["tasks"],
+        corpora=TASKS_EVAL["corpora"],
+        mmlu_subset=TASKS_EVAL["mmlu_subset"],
+        cloze_n=TASKS_EVAL["cloze_n"],
+        wikitext_max_docs=TASKS_EVAL["wikitext_max_docs"],
+        num_fewshot=TASKS_EVAL["num_fewshot"],
+        limit=TASKS_EVAL["limit"],
+        batch_size=TASKS_EVAL["batch_size"],
+        max_length=TASKS_EVAL["max_length"],
+        dtype=TASKS_EVAL["dtype"],
     log:
         "logs/{model}/{recipe}/eval_tasks.log",
     benchmark:
@@ -91,10 +91,10 @@ rule eval_chat:
     output:
         record="results/{model}/{recipe}/eval/chat.json",
     params:
-        prompts=CHAT_EVAL.get("prompts"),
-        max_new_tokens=CHAT_EVAL.get("max_new_tokens", 128),
-        system=CHAT_EVAL.get("system"),
-        dtype=CHAT_EVAL.get("dtype", "float32"),
+        prompts=CHAT_EVAL["prompts"],
+        max_new_tokens=CHAT_EVAL["max_new_tokens"],
+        system=CHAT_EVAL["system"],
+        dtype=CHAT_EVAL["dtype"],
     log:
         "logs/{model}/{recipe}/eval_chat.log",
     benchmark:
@@ -117,10 +117,10 @@ rule eval_stats:
         record="results/{model}/{recipe}/eval/stats.json",
         files=directory("results/{model}/{recipe}/eval/stats"),
     params:
-        n_windows=STATS_EVAL.get("n_windows", 4),
-        seqlen=STATS_EVAL.get("seqlen", 256),
-        outlier_k=STATS_EVAL.get("outlier_k", 20),
-        dtype=STATS_EVAL.get("dtype", "float32"),
+        n_windows=STATS_EVAL["n_windows"],
+        seqlen=STATS_EVAL["seqlen"],
+        outlier_k=STATS_EVAL["outlier_k"],
+        dtype=STATS_EVAL["dtype"],
     log:
         "logs/{model}/{recipe}/eval_stats.log",
     benchmark:
@@ -140,12 +140,12 @@ rule eval_speed:
     output:
         record="results/{model}/{recipe}/eval/speed.json",
     params:
-        prefill=SPEED_EVAL.get("prefill", 2048),
-        prompt=SPEED_EVAL.get("prompt", 128),
-        steps=SPEED_EVAL.get("steps", 32),
-        batches=SPEED_EVAL.get("batches", [1, 16]),
-        repeats=SPEED_EVAL.get("repeats", 3),
-        dtype=SPEED_EVAL.get("dtype", "bfloat16"),
+        prefill=SPEED_EVAL["prefill"],
+        prompt=SPEED_EVAL["prompt"],
+        steps=SPEED_EVAL["steps"],
+        batches=SPEED_EVAL["batches"],
+        repeats=SPEED_EVAL["repeats"],
+        dtype=SPEED_EVAL["dtype"],
     log:
         "logs/{model}/{recipe}/eval_speed.log",
     benchmark:

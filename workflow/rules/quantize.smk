@@ -14,7 +14,7 @@ rule quantize:
         checkpoint=directory("results/{model}/{recipe}/checkpoint"),
     params:
         recipe=recipe_json,
-        dtype=RUNTIME.get("quantize_dtype", "float32"),
+        dtype=RUNTIME["quantize_dtype"],
     log:
         "logs/{model}/{recipe}/quantize.log",
     benchmark:

@@ -11,8 +11,8 @@ with job(snakemake, gpu=True):  # noqa: F821 - injected by Snakemake
     p = smk.params
     corpora = {c: str(Path(f).parent) for c, f in zip(p.corpora, smk.input.corpora)}
     with tempfile.TemporaryDirectory(prefix="qbench-tasks-") as tasks_dir:
+        options = {k: getattr(p, k) for k in ("mmlu_subset", "cloze_n", "wikitext_max_docs", "num_fewshot",
+                                              "limit", "batch_size", "max_length", "dtype")}
         api.evaluate_tasks(smk.input.checkpoint, list(p.tasks), smk.output.record, corpora=corpora,
-                       tasks_dir=tasks_dir, mmlu_subset=p.mmlu_subset, cloze_n=p.cloze_n,
-                       wikitext_max_docs=p.wikitext_max_docs, num_fewshot=p.num_fewshot, limit=p.limit,
-                       batch_size=p.batch_size, max_length=p.max_length, dtype=p.dtype, model_name=smk.wildcards.model,
-                       recipe_name=smk.wildcards.recipe)
+                           options={**options, "tasks_dir": tasks_dir}, model_name=smk.wildcards.model,
+                           recipe_name=smk.wildcards.recipe)

@@ -6,7 +6,7 @@ The model is never run end to end on the calibration set. Instead:
    ``with_kwargs=True``) records the hidden states ``[b, seqlen, hidden]`` *and the keyword
    arguments the block receives* (``position_embeddings=(cos, sin)``, ``attention_mask`` — ``None``
    for SDPA without padding, a 4-D mask for eager attention —, ``position_ids``,
-   ``past_key_values=None``, ``use_cache=False``, whatever the family passes), then raises a
+   ``cache=None``, ``use_cache=False``, whatever the family passes), then raises a
    private exception so the rest of the model never runs. Only the embedding / rotary modules
    (the base model's children other than ``layers``) are moved to ``device`` for this.
 2. For each block ``i`` in order: the block is moved to ``device``, ``process_block(i, block,
@@ -214,8 +214,8 @@ def capture_block0_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device="
         if b not in kwargs_by_batch:
             kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             kw["use_cache"] = False
-            if "past_key_values" in kw:
-                kw["past_key_values"] = None
+            if "cache" in kw:
+                kw["cache"] = None
             kwargs_by_batch[b] = _to(kw, device)
         raise _StopForward
 

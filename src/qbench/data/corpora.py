@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..defaults import section as _default_section
 from ..fsutil import atomic_dir
 from ..errors import ConfigError
 from ..provenance import sha256_file as _sha256_file
@@ -98,7 +99,12 @@ def _dedupe(docs: list[str]) -> list[str]:
     return list(dict.fromkeys(docs))
 
 
-def split_documents(docs: list[str], eval_fraction: float = 0.5, seed: int = 0
+#: config corpora.<name>: eval_fraction, seed (defaults written once, in the schema)
+_CORPUS_DEFAULT = _default_section("corpora.*")
+
+
+def split_documents(docs: list[str], eval_fraction: float = _CORPUS_DEFAULT["eval_fraction"],
+                    seed: int = _CORPUS_DEFAULT["seed"]
                     ) -> tuple[list[str], list[str]]:
     """(calib, test) by the hash rule in the module docstring; input must be duplicate-free."""
     if not 0.0 < eval_fraction < 1.0:
@@ -190,7 +196,8 @@ def validate_corpus_source(name: str, source: dict) -> str:
     return kind
 
 
-def corpus_documents(name: str, source: dict, *, eval_fraction: float = 0.5, seed: int = 0,
+def corpus_documents(name: str, source: dict, *, eval_fraction: float = _CORPUS_DEFAULT["eval_fraction"],
+                     seed: int = _CORPUS_DEFAULT["seed"],
                      progress: bool = True) -> tuple[list[str], list[str], dict]:
     """(calib_docs, test_docs, info) for a source, split and checked disjoint."""
     kind = validate_corpus_source(name, source)
@@ -227,7 +234,8 @@ def corpus_documents(name: str, source: dict, *, eval_fraction: float = 0.5, see
 
 
 def build_corpus(name: str, source: dict, out_dir: str | Path, *, tokenizer_dir: str | Path,
-                 eval_fraction: float = 0.5, seed: int = 0, progress: bool = True) -> dict:
+                 eval_fraction: float = _CORPUS_DEFAULT["eval_fraction"], seed: int = _CORPUS_DEFAULT["seed"],
+                 progress: bool = True) -> dict:
     """Build the calib/test text and token files of corpus ``name`` into ``out_dir`` (atomically)
     and return the ``corpus.json`` dict. See the module docstring for sources and the split rule."""
     from transformers import AutoTokenizer

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from ..defaults import EVAL
 from ..errors import ConfigError
 
 __all__ = ["SEED_PROMPTS", "PLAIN_TEMPLATE", "build_chat_prompt", "chat", "evaluate_chat"]
@@ -66,7 +67,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def chat(model, tokenizer, prompts: Sequence[str] | None = None, *, max_new_tokens: int = 128,
+def chat(model, tokenizer, prompts: Sequence[str] | None = None, *,
+         max_new_tokens: int = EVAL["chat"]["max_new_tokens"],
          system: str | None = None, kv_cache: bool = True) -> list[dict]:
     """Greedy answers to ``prompts`` (default :data:`SEED_PROMPTS`). Returns one dict per prompt:
     ``prompt``, ``answer``, ``n_tokens`` (generated tokens, EOS included if produced),
@@ -93,7 +95,7 @@ def chat(model, tokenizer, prompts: Sequence[str] | None = None, *, max_new_toke
             if kv_cache:
                 from ..modules.kv_binding import cache_for_model
 
-                kw["past_key_values"] = cache_for_model(model)
+                kw["cache"] = cache_for_model(model)
             t0 = time.perf_counter()
             gen = model.generate(inp, **kw)[0, len(ids):].tolist()
             seconds = time.perf_counter() - t0
@@ -108,8 +110,9 @@ def chat(model, tokenizer, prompts: Sequence[str] | None = None, *, max_new_toke
 
 
 def evaluate_chat(path: str | Path, out_json: str | Path | None = None,
-                  prompts: Sequence[str] | None = None, *, max_new_tokens: int = 128,
-                  system: str | None = None, dtype: str = "float32", device: str | None = None,
+                  prompts: Sequence[str] | None = None, *,
+                  max_new_tokens: int = EVAL["chat"]["max_new_tokens"], system: str | None = None,
+                  dtype: str = EVAL["chat"]["dtype"], device: str | None = None,
                   model_name: str | None = None, recipe_name: str | None = None) -> dict:
     """Chat answers of one checkpoint/model directory: one ``kind: "chat"`` record with
     ``answers`` (the :func:`chat` dicts), ``metrics`` (mean generated tokens, tokens/s) and the

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from ..defaults import EVAL
 from ..errors import ConfigError
 from ..modules.kv_binding import cache_for_model, kv_binding, kv_dims_of_config
 from ..modules.kv_cache import cache_nbytes, fp16_nbytes
@@ -28,7 +29,8 @@ __all__ = ["kv_memory"]
 
 
 @torch.inference_mode()
-def kv_memory(model, tokens: torch.Tensor, context_lengths: Sequence[int] = (512, 1024, 2048, 4096),
+def kv_memory(model, tokens: torch.Tensor,
+              context_lengths: Sequence[int] = tuple(EVAL["kv"]["memory"]["context_lengths"]),
               *, cache_factory=None, progress: bool = False) -> dict:
     """Measure cache bytes at each context length (see the module docstring). ``tokens``: 1-D
     token ids of an evaluation text (repeated when shorter than a context length)."""
@@ -49,7 +51,7 @@ def kv_memory(model, tokens: torch.Tensor, context_lengths: Sequence[int] = (512
         ids = tokens.repeat(reps)[:n].unsqueeze(0).to(device)
         cache = cache_factory(model) if cache_factory else cache_for_model(model)
         t0 = time.perf_counter()
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         secs = time.perf_counter() - t0
         measured = cache_nbytes(cache)
         fp16 = fp16_nbytes(n, n_layers=n_layers, n_kv_heads=h, head_dim=d)

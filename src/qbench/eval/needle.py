@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from ..defaults import EVAL
 from ..errors import ConfigError
 from ..modules.kv_binding import cache_for_model, kv_binding
 
@@ -37,8 +38,9 @@ __all__ = [
     "needle_found", "build_prompt", "run_needle", "plot_needle_heatmap",
 ]
 
-NEEDLES = ("47x291", "8a3605", "1294k8", "590p37", "68v423")
-NEEDLE_TEMPLATE = "The special magic number is {value}."
+_DEFAULT = EVAL["kv"]["needle"]  # config eval.kv.needle: defaults written once, in the schema
+NEEDLES = tuple(_DEFAULT["needles"])
+NEEDLE_TEMPLATE = _DEFAULT["needle_template"]
 QUESTION = "What is the special magic number mentioned in the text above?"
 ANSWER_PREFIX = "The special magic number is"
 DEFAULT_HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
@@ -137,7 +139,7 @@ def _greedy(model, ids: list[int], max_new_tokens: int, cache, eos_token_id=None
     inp = torch.tensor([ids], dtype=torch.long, device=device)
     kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "attention_mask": torch.ones_like(inp)}
     if cache is not None:
-        kw["past_key_values"] = cache
+        kw["cache"] = cache
     if eos_token_id is not None:
         kw["eos_token_id"] = eos_token_id
         kw["pad_token_id"] = eos_token_id if isinstance(eos_token_id, int) else eos_token_id[0]
@@ -145,11 +147,12 @@ def _greedy(model, ids: list[int], max_new_tokens: int, cache, eos_token_id=None
     return out[0, len(ids):].tolist()
 
 
-def run_needle(model, tokenizer, haystack=None, *, context_lengths: Sequence[int] = (256, 512, 1024),
-               depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), needles: Sequence[str] = NEEDLES,
+def run_needle(model, tokenizer, haystack=None, *,
+               context_lengths: Sequence[int] = tuple(_DEFAULT["context_lengths"]),
+               depths: Sequence[float] = tuple(_DEFAULT["depths"]), needles: Sequence[str] = NEEDLES,
                needle_template: str = NEEDLE_TEMPLATE, question: str = QUESTION,
-               answer_prefix: str = ANSWER_PREFIX, max_new_tokens: int = 12,
-               prefill_with_quant: bool | None = True, chat: bool | None = None, cache_factory=None,
+               answer_prefix: str = ANSWER_PREFIX, max_new_tokens: int = _DEFAULT["max_new_tokens"],
+               prefill_with_quant: bool | None = _DEFAULT["prefill_with_quant"], chat: bool | None = None, cache_factory=None,
                progress: bool = False) -> dict:
     """Run the grid (see the module docstring). ``cache_factory(model) -> Cache`` overrides the
     cache (default: :func:`~qbench.modules.kv_binding.cache_for_model` with ``prefill_with_quant``;

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from ..defaults import EVAL
 from ..modules.kv_binding import kv_binding
 
 __all__ = ["measure_speed", "SPEED_METRICS"]
@@ -70,7 +71,7 @@ def _graph_decode(model, p: torch.Tensor, steps: int, repeats: int) -> float:
     times = []
     for _ in range(repeats + 1):
         cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 2)
-        logits = model(p, past_key_values=cache, cache_position=torch.arange(prompt, device=dev),
+        logits = model(p, cache=cache, cache_position=torch.arange(prompt, device=dev),
                        use_cache=True, logits_to_keep=1).logits
         ids = logits[:, -1:].argmax(-1)
         pos = torch.tensor([prompt], device=dev)
@@ -78,11 +79,11 @@ def _graph_decode(model, p: torch.Tensor, steps: int, repeats: int) -> float:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (autotuning, allocator) outside the capture
             for _ in range(2):
-                model(ids, past_key_values=cache, cache_position=pos, use_cache=True)
+                model(ids, cache=cache, cache_position=pos, use_cache=True)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = model(ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
+            out = model(ids, cache=cache, cache_position=pos, use_cache=True).logits
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(steps):
@@ -120,7 +121,7 @@ def measure_speed(model, *, device: str, vocab: int | None = None, prefill: int 
     ids = torch.randint(0, vocab, (1, prefill), generator=g).to(device)
 
     def run_prefill():
-        model(ids, past_key_values=cache_for_model(model), use_cache=True, logits_to_keep=1)
+        model(ids, cache=cache_for_model(model), use_cache=True, logits_to_keep=1)
 
     say(f"prefill {prefill} tokens")
     t_pre = _timed(run_prefill, device, repeats)
@@ -130,12 +131,12 @@ def measure_speed(model, *, device: str, vocab: int | None = None, prefill: int 
 
         def run_decode():
             cache = cache_for_model(model)
-            logits = model(p, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(p, cache=cache, use_cache=True, logits_to_keep=1).logits
             nxt = logits[:, -1:].argmax(-1)
             _sync(device)
             t = time.perf_counter()
             for _ in range(steps):
-                logits = model(nxt, past_key_values=cache, use_cache=True).logits
+                logits = model(nxt, cache=cache, use_cache=True).logits
                 nxt = logits[:, -1:].argmax(-1)
             _sync(device)
             return time.perf_counter() - t
@@ -184,8 +185,12 @@ def md_table(rows: list[dict], cols: list[str], fmt=None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_speed(path, out_json=None, *, prefill: int = 2048, prompt: int = 128, steps: int = 32,
-                   batches=(1, 16), repeats: int = 3, dtype: str = "bfloat16", device: str | None = None,
+_DEFAULT = EVAL["speed"]  # config eval.speed: defaults written once, in the schema
+
+
+def evaluate_speed(path, out_json=None, *, prefill: int = _DEFAULT["prefill"], prompt: int = _DEFAULT["prompt"],
+                   steps: int = _DEFAULT["steps"], batches=tuple(_DEFAULT["batches"]),
+                   repeats: int = _DEFAULT["repeats"], dtype: str = _DEFAULT["dtype"], device: str | None = None,
                    model_name: str | None = None, recipe_name: str | None = None) -> dict:
     """Speed of one checkpoint on this job's device: one ``kind: "speed"`` record whose
     ``metrics`` hold ``prefill_tok_s``, ``decode_tok_s_b<b>``, ``peak_mem_gib`` and, as strings,

@@ -50,6 +50,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..defaults import EVAL
 from ..errors import ConfigError
 from .layer_stats import (_Memo, activation_stats, layer_weight, layerwise_distance,  # noqa: F401 - re-exported
                           weight_stats)
@@ -133,9 +134,10 @@ def reference_in_recipe_basis(fp_model: nn.Module, recipe: list) -> list[str]:
 
 def evaluate_stats(fp_path: str | Path, q_path: str | Path, out_json: str | Path | None = None,
                    out_csv_dir: str | Path | None = None, *, corpus_dir: str | Path,
-                   split: str = "test", n_windows: int = 4, seqlen: int = 256, seed: int = 0,
+                   split: str = "test", n_windows: int = EVAL["stats"]["n_windows"],
+                   seqlen: int = EVAL["stats"]["seqlen"], seed: int = 0,
                    outlier_k: float = OUTLIER_K, activations: bool = True, distance: bool = True,
-                   plots: bool = True, batch_size: int = 1, dtype: str = "float32",
+                   plots: bool = True, batch_size: int = 1, dtype: str = EVAL["stats"]["dtype"],
                    device: str | None = None, progress: bool = False, model_name: str | None = None,
                    recipe_name: str | None = None) -> dict:
     """Weight / activation statistics and layer-wise distance of the quantized model at ``q_path``

@@ -8,11 +8,14 @@ import math
 
 import torch
 
+from ..defaults import EVAL
+
 __all__ = ["OUTLIER_K", "INT8_THRESHOLD", "DEFINITIONS", "Moments", "sqnr_db", "mse", "kurtosis",
            "tensor_stats", "outlier_channels", "channel_absmax", "rescaled_weight_sqnr_db"]
 
 
-OUTLIER_K = 20.0
+#: an outlier channel's absmax exceeds k x the median channel absmax (config eval.stats.outlier_k)
+OUTLIER_K = float(EVAL["stats"]["outlier_k"])
 
 
 INT8_THRESHOLD = 6.0

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..defaults import section
 from ..modules.qlinear import QuantLinear
 from .common import ExportError, Refusal, describe, map_layers
 
@@ -158,8 +159,12 @@ def _config_value(cfg, key, default=None):
     return v
 
 
+_DEFAULT = section("export.*")  # config export[]: float_type, require_exact (defaults in the schema)
+
+
 def export_gguf(model: nn.Module, tok, manifest: dict, out: Path, *, source: Path,
-                float_type: str = "auto", require_exact: bool = False, log=print) -> dict:
+                float_type: str = _DEFAULT["float_type"], require_exact: bool = _DEFAULT["require_exact"],
+                log=print) -> dict:
     import gguf
 
     cfg = model.config

@@ -99,12 +99,12 @@ def collect_kv_calibration(model: nn.Module, calib_ids: torch.Tensor, *, first_f
             if sensitivity == "fisher":
                 with torch.enable_grad():
                     emb = get_embed(model)(ids).detach().requires_grad_(True)
-                    logits = model(inputs_embeds=emb, past_key_values=cache, use_cache=True).logits
+                    logits = model(inputs_embeds=emb, cache=cache, use_cache=True).logits
                     loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
                     loss.backward()
             else:
                 with torch.no_grad():
-                    model(input_ids=ids, past_key_values=cache, use_cache=True)
+                    model(input_ids=ids, cache=cache, use_cache=True)
             t = ids.shape[1]
             f = min(first_fp16, t)
             for li, layer in enumerate(cache.layers):

@@ -5,7 +5,7 @@ from ``update()`` (the reference execution path; a fused kernel would read the p
 directly). Usable anywhere a transformers cache is::
 
     cache = KIVICache(model.config, k_bits=2, v_bits=2, group_size=32, residual=128)
-    model.generate(ids, past_key_values=cache, max_new_tokens=16)
+    model.generate(ids, cache=cache, max_new_tokens=16)
     cache_nbytes(cache)              # bytes of the tensors the cache holds
 
     cache_for_model(model)           # the cache the model's KV stage bound (qbench.modules.kv_binding)
