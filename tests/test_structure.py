@@ -279,8 +279,8 @@ def test_defaults_live_once_and_the_schema_agrees():
         {k: stated[f"published.tolerance.{k}"] for k in ("ppl", "acc")}
     # every evaluation default the schema states has a Python reader checked above (or is a
     # rule-only key: runtime resources, the published file, the gpus)
-    rule_only = {k for k in stated if re.match(r"runtime\.(threads|mem_mb|minutes|gpus)|published\.file|export$"
-                                              r"|runtime$|eval\.\w+\.(recipes|tasks|corpora)$", k)}
+    rule_only = {k for k in stated if re.match(r"runtime\.(threads|mem_mb|minutes|gpus)|published\.file|\w+$"
+                                              r"|eval\.\w+\.(recipes|tasks|corpora)$", k)}
     checked = set(python) | {f"eval.tasks.{k}" for k in task_fields} | {
         "published.tolerance.ppl", "published.tolerance.acc", "runtime.progress_seconds"}
     assert set(stated) - checked - rule_only == set()
