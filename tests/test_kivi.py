@@ -52,8 +52,8 @@ def test_fake_quant_equals_packed_cache_prefill(kb, vb):
     kf, vf = kivi_fake_quant(k, v, k_bits=kb, v_bits=vb, group_size=32, residual=64)
     kc, vc = KIVILayer(kb, vb, 32, 64, prefill_with_quant=True).update(k, v)
     assert torch.equal(kf, kc) and torch.equal(vf, vc)
-    # window (last 64 + 6 K tokens: (230-64) % 32 = 6) exact, the rest changed
-    assert torch.equal(kf[:, :, -70:], k[:, :, -70:]) and not torch.equal(kf[:, :, :160], k[:, :, :160])
+    # the reference's split: the last 230 mod 64 = 38 keys and 64 values exact, the rest changed
+    assert torch.equal(kf[:, :, -38:], k[:, :, -38:]) and not torch.equal(kf[:, :, :192], k[:, :, :192])
     assert torch.equal(vf[:, :, -64:], v[:, :, -64:])
     assert torch.equal(vf, v) == (vb == 16)
 

@@ -52,14 +52,18 @@ def test_kivi_residual_window_exact_and_update_pattern_independent():
     ka, va = a.update(k[:, :, :100], v[:, :, :100])
     for t in range(100, 200):
         ka, va = a.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
-        # the last `residual` tokens come back bit-identical
-        assert torch.equal(ka[:, :, -r:], k[:, :, t + 1 - r:t + 1])
-        assert torch.equal(va[:, :, -r:], v[:, :, t + 1 - r:t + 1])
+        # KIVI's decode step attends before flushing: the keys since the last block flush
+        # (t mod r + 1) and the last r + 1 values come back bit-identical
+        nk, nv = t % r + 1, r + 1
+        assert torch.equal(ka[:, :, -nk:], k[:, :, t + 1 - nk:t + 1])
+        assert torch.equal(va[:, :, -nv:], v[:, :, t + 1 - nv:t + 1])
+        assert not torch.equal(ka[:, :, -nk - 1], k[:, :, t - nk]) and not torch.equal(va[:, :, -nv - 1], v[:, :, t - nv])
         tk, tv = kivi_quant_lengths(t + 1, r, g)
         assert a.n_kq == tk and a.n_vq == tv
-        assert a.keys.shape[2] == t + 1 - tk and r <= a.keys.shape[2] < r + g
-    kb, vb = b_.update(k, v)  # one prefill of the same 200 tokens
-    assert torch.equal(ka, kb) and torch.equal(va, vb)
+        assert a.keys.shape[2] == (t + 1) % r and a.values.shape[2] == r  # flushed afterwards
+    kb, vb = b_.update(k, v)  # one prefill of the same 200 tokens (attends to the flushed state)
+    assert all(torch.equal(x, y) for x, y in zip(a.dequantized(), b_.dequantized()))
+    assert torch.equal(kb, a.dequantized()[0]) and torch.equal(vb, a.dequantized()[1])
     assert not torch.equal(ka[:, :, :tk], k[:, :, :tk])  # older tokens really are quantized
     assert is_served(ka)
 
@@ -172,5 +176,6 @@ def test_kv_memory_eval_matches_formula(tiny):
         assert r["measured_bytes"] == r["expected_bytes"]
         assert r["dense_bytes"] == 2 * r["fp16_bytes"]  # fp32 run
     r = res["records"][-1]
-    # 300 tokens: K 256 quantized / 44 fp, V 268 / 32 fp; 2-bit + fp16 scale/min per 32 → 3 bits
-    assert r["expected_ratio_vs_fp16"] == pytest.approx(((256 + 268) * 3 + (44 + 32) * 16) / (600 * 16))
+    # 300 tokens: K 288 quantized / 300 mod 32 = 12 fp, V 268 / 32 fp; 2-bit + fp16 scale/min per
+    # 32 → 3 bits
+    assert r["expected_ratio_vs_fp16"] == pytest.approx(((288 + 268) * 3 + (12 + 32) * 16) / (600 * 16))

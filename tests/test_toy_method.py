@@ -124,6 +124,14 @@ class ToyKV8(KVMethod):
             return tuple((c.float() * s.float()).to(x.dtype) for x in (k, v) for c, s in [q8(x, -1)])
         return fq
 
+    def kv_decode_view(self, model, cfg):
+        fq = self.kv_fake_quant(model, cfg)
+
+        def view(k, v, layer_idx):  # quantized on arrival: query i reads tokens 0..i quantized
+            i = torch.arange(k.shape[-2]) + 1
+            return (*fq(k, v, layer_idx), i, i)
+        return view
+
     def expected_nbytes(self, cfg, n_tokens, *, n_layers, n_kv_heads, head_dim, batch=1, fp_bytes=2,
                         cache=None):
         return 2 * n_layers * batch * n_kv_heads * n_tokens * (head_dim + 2)
@@ -232,5 +240,5 @@ def test_a_method_that_does_not_describe_itself_is_refused():
         def describe(self, cfg):
             return None
 
-    with pytest.raises(TypeError, match="make_cache, kv_fake_quant, expected_nbytes"):
+    with pytest.raises(TypeError, match="make_cache, kv_fake_quant, kv_decode_view, expected_nbytes"):
         register(NoCache)

@@ -162,15 +162,26 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
                  seqlen: int = _PPL["seqlen"], max_windows: int | None = _PPL["max_windows"],
                  dtype: str = _PPL["dtype"], device: str | None = None, batch_size: int = _PPL["batch_size"],
                  progress: bool = True,
-                 model_name: str | None = None, recipe_name: str | None = None) -> dict[str, dict]:
-    """Perplexity of a checkpoint/model on each corpus dir (its ``test.npy``); one record each."""
+                 model_name: str | None = None, recipe_name: str | None = None,
+                 kv_protocol: list[str] | str | None = None) -> dict[str, dict]:
+    """Perplexity of a checkpoint/model on each corpus dir (its ``test.npy``); one record each.
+
+    ``kv_protocol``: the KV-cache protocols to score a recipe with a KV-cache stage under
+    (:mod:`qbench.methods.kv_protocol`; default ``eval.ppl.kv_protocol``'s: both,
+    ``prefill_quant`` first). The record's ``ppl`` is the first protocol's, ``metrics.kv_protocol``
+    names it and ``metrics.by_kv_protocol`` holds every protocol's result (``ppl@<protocol>`` flat
+    too); a recipe without a KV stage gets ``kv_protocol: null``."""
     from .data.tokens import load_tokens
     from .eval.ppl import perplexity
+    from .methods.kv_protocol import check_kv_protocols, decode_equals_prefill, use_kv_protocol
     from .models.loading import check_seqlen
 
     check_seqlen(path, seqlen, "eval.ppl.seqlen")
+    protocols = check_kv_protocols(kv_protocol)
     device = pick_device(device)
     model, _, manifest = load_for_eval(path, dtype=dtype, device=device)
+    has_kv = use_kv_protocol(model, protocols[0]) is not None
+    same = has_kv and decode_equals_prefill(model)
     records = {}
     for name, cdir in corpora.items():
         cjson = Path(cdir) / "corpus.json"
@@ -178,12 +189,27 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
         # A corpus protocol may cap the windows (GPTQ's C4 evaluation scores 256 windows).
         cap = corpus_meta.get("eval_max_windows")
         windows_cap = min(x for x in (max_windows, cap) if x) if (max_windows or cap) else None
-        res = perplexity(model, load_tokens(cdir, "test"), seqlen, windows_cap, batch_size, progress,
-                         desc=f"ppl {recipe_name or ''} {name}".strip())
+        tokens = load_tokens(cdir, "test")
+        by = {}
+        for proto in (protocols if has_kv else [None]):
+            if by and same:  # both protocols read the same K/V: one forward pass scores both
+                by[proto] = {**next(iter(by.values())), "same_as": protocols[0]}
+                continue
+            if proto is not None:
+                use_kv_protocol(model, proto)
+            desc = f"ppl {recipe_name or ''} {name}" + (f" [{proto}]" if len(protocols) > 1 and proto else "")
+            by[proto] = perplexity(model, tokens, seqlen, windows_cap, batch_size, progress, desc=desc.strip())
+        first = next(iter(by))
+        res = {**by[first], "kv_protocol": first}
+        if has_kv:
+            res["by_kv_protocol"] = by
+            res.update({f"ppl@{p}": r["ppl"] for p, r in by.items()})
+            use_kv_protocol(model, protocols[0])
         rec = base_record("ppl", manifest, model=model_name, recipe=recipe_name, device=device,
                           dtype=dtype, corpus=name, metrics=res,
                           corpus_hash=(corpus_meta.get("files") or {}).get("test.npy"),
-                          eval={"seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size})
+                          eval={"seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size,
+                                "kv_protocol": protocols if has_kv else None})
         records[name] = rec
         if outputs and name in outputs:
             atomic_json(outputs[name], rec)

@@ -14,6 +14,7 @@ rule eval_ppl:
         max_windows=PPL_EVAL["max_windows"],
         dtype=PPL_EVAL["dtype"],
         batch_size=PPL_EVAL["batch_size"],
+        kv_protocol=PPL_EVAL["kv_protocol"],
     log:
         "logs/{model}/{recipe}/eval_ppl.log",
     benchmark:

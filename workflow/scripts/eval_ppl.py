@@ -12,4 +12,4 @@ with job(snakemake, gpu=True):  # noqa: F821 - injected by Snakemake
     api.evaluate_ppl(smk.input.checkpoint, corpora, outputs, seqlen=smk.params.seqlen,
                      max_windows=smk.params.max_windows, dtype=smk.params.dtype,
                      batch_size=smk.params.batch_size, model_name=smk.wildcards.model,
-                     recipe_name=smk.wildcards.recipe)
+                     recipe_name=smk.wildcards.recipe, kv_protocol=list(smk.params.kv_protocol))

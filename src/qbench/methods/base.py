@@ -29,6 +29,7 @@ from ..calib.spec import CalibSet
 from ..descriptor import Descriptor, describe_stages
 from ..errors import ConfigError
 from ..modules import attention as attn
+from ..modules.kv_base import is_served
 from ..modules.kv_binding import KVBinding, bind_kv
 
 __all__ = [
@@ -185,9 +186,42 @@ class KVMethod(Method):
         """Extra measured fields of a filled cache for the memory record (default none)."""
         return {}
 
+    def kv_decode_view(self, model: nn.Module, cfg: MethodConfig):
+        """``fn(k, v, layer_idx) -> (kq, vq, bk, bv)`` for the decode-faithful perplexity protocol
+        (:mod:`qbench.methods.kv_protocol`): ``kq``/``vq`` every token as the cache stores it once
+        quantized, ``bk[i]``/``bv[i]`` how many of the oldest keys/values query ``i`` reads in that
+        form during token-by-token decoding (the rest in full precision)."""
+        raise TypeError(f"{type(self).__name__} must implement kv_decode_view()")
+
+    def decode_equals_prefill(self, cfg: MethodConfig) -> bool:
+        """True when every query reads the same K/V under both protocols (no full-precision
+        window beyond what the prefill protocol keeps): the decode score is then the prefill one."""
+        return False
+
     def attach(self, model: nn.Module, cfg: MethodConfig) -> None:
         bind_kv(model, KVBinding(self, cfg))
-        install_kv_hook(model, self.hook_name, self.kv_fake_quant(model, cfg))
+        self.install_protocol(model, cfg, "prefill_quant")
+
+    def install_protocol(self, model: nn.Module, cfg: MethodConfig, protocol: str) -> None:
+        """Route cache-less forwards through one KV protocol: ``prefill_quant`` (the ``qkv`` hook:
+        every query reads the K/V a cache holding the whole window returns) or ``decode`` (the
+        ``kv_split`` hook: each query reads what it would read decoding token by token)."""
+        if protocol == "prefill_quant":
+            attn.remove_hook(model, self.hook_name, "kv_split")
+            install_kv_hook(model, self.hook_name, self.kv_fake_quant(model, cfg))
+        elif protocol == "decode":
+            attn.remove_hook(model, self.hook_name, "qkv")
+            view = self.kv_decode_view(model, cfg)
+
+            def hook(module, k, v):
+                if k.shape[-2] <= 1 or is_served(k):
+                    return None  # a cache's output (generation): already quantized
+                return view(k, v, getattr(module, "layer_idx", 0))
+
+            attn.install(model)
+            attn.register_hook(model, "kv_split", self.hook_name, hook)
+        else:
+            raise ConfigError(f"kv_protocol={protocol!r}: allowed values are prefill_quant, decode")
 
 
 def install_kv_hook(model: nn.Module, name: str, kv_fake_quant) -> None:
@@ -211,7 +245,7 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"{cls.__name__} has no name")
     missing = [m for m in ("apply", "describe") if getattr(cls, m) is getattr(Method, m)]
     if issubclass(cls, KVMethod):
-        missing += [m for m in ("make_cache", "kv_fake_quant", "expected_nbytes")
+        missing += [m for m in ("make_cache", "kv_fake_quant", "kv_decode_view", "expected_nbytes")
                     if getattr(cls, m) is getattr(KVMethod, m)]
     if missing:
         raise TypeError(f"method {cls.name!r} ({cls.__name__}) must implement {', '.join(missing)}")

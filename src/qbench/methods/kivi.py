@@ -13,12 +13,20 @@ Two run-time paths, same numbers (they share the quantizers):
   packed codes and hands dequantized K/V to attention. ``prefill_with_quant`` (the seed's switch)
   decides whether a multi-token prefill attends to its own tokens quantized (True) or in full
   precision (False, vanilla KIVI; later tokens always read the quantized cache).
-* **Perplexity** (``use_cache=False``): a ``qkv`` hook of :mod:`qbench.modules.attention`
-  (``"kivi.kv"``) replaces K/V of the window by what a KIVI cache holding the window returns — every
-  token but the fp window quantized — so the score reflects the method, as in the seed's perplexity
-  tables (``prefill_with_quant`` does not switch this off: a cache-less forward has no later
-  decode steps for the quantization to show up in). The hook leaves K/V alone when they come
-  from one of our caches (already quantized).
+* **Perplexity** (``use_cache=False``), under one of two protocols (:mod:`.kv_protocol`,
+  ``eval.ppl.kv_protocol``, recorded in each record): ``prefill_quant`` — a ``qkv`` hook of
+  :mod:`qbench.modules.attention` (``"kivi.kv"``) replaces K/V of the window by what a KIVI cache
+  holding the window returns (the seed's split: all keys but the newest ``T mod R``, all values
+  but the newest ``R`` quantized); ``decode`` — a ``kv_split`` hook lets each query read what it
+  reads when decoding token by token (its own recent window in full precision), equal to
+  token-by-token decoding through :class:`KIVICache` (tested). ``prefill_with_quant`` does not
+  switch either off: a cache-less forward has no later decode steps. The hooks leave K/V alone
+  when they come from one of our caches (already quantized).
+
+Window flushing follows KIVI's reference (``models/llama_kivi.py``): K leaves the full-precision
+window in whole blocks of ``residual`` keys (the block is quantized in groups of ``group_size``
+tokens when the window holds ``residual`` keys, after that step's attention), V one value per step
+once the window holds ``residual + 1``.
 
 Nothing is stored in the checkpoint; loading re-runs :meth:`KIVI.attach`.
 """
@@ -31,7 +39,7 @@ import torch
 from torch import nn
 
 from ..modules.kv_cache import KIVICache, is_served, kivi_expected_nbytes
-from ..quant.kv import kivi_fake_quant
+from ..quant.kv import kivi_decode_bounds, kivi_fake_quant
 from .base import ConfigError, Descriptor, KVMethod, MethodConfig, QuantContext, opt, register
 from .common import check_full_attention, kv_dims
 
@@ -49,6 +57,21 @@ def make_kivi_fake_quant(cfg):
                                group_size=cfg.group_size, residual=cfg.residual)
 
     return kv_fake_quant
+
+
+def make_kivi_decode_view(cfg):
+    """``view(k, v, layer_idx) -> (kq, vq, bk, bv)`` for the decode-faithful protocol: every token
+    as the cache stores it once flushed (K in token groups aligned at 0, V per token) and, per
+    query, how many of the oldest keys/values it reads quantized (:func:`kivi_decode_bounds`)."""
+
+    def view(k: torch.Tensor, v: torch.Tensor, layer_idx: int):
+        t = k.shape[-2]
+        kq, vq = kivi_fake_quant(k, v, k_bits=cfg.k_bits, v_bits=cfg.v_bits, group_size=cfg.group_size,
+                                 residual=cfg.residual, lengths=((t // cfg.group_size) * cfg.group_size, t))
+        bk, bv = kivi_decode_bounds(t, cfg.residual, cfg.group_size)
+        return kq, vq, bk, bv
+
+    return view
 
 
 @register
@@ -89,6 +112,9 @@ class KIVI(KVMethod):
 
     def kv_fake_quant(self, model: nn.Module, cfg: Config):
         return make_kivi_fake_quant(cfg)
+
+    def kv_decode_view(self, model: nn.Module, cfg: Config):
+        return make_kivi_decode_view(cfg)
 
     def expected_nbytes(self, cfg: Config, n_tokens: int, **dims) -> int:
         dims.pop("cache", None)

@@ -148,6 +148,20 @@ def make_kvquant_fake_quant(model: nn.Module, cfg):
     return kv_fake_quant
 
 
+def make_kvquant_decode_view(model: nn.Module, cfg):
+    """Decode-faithful view: KVQuant quantizes every token on arrival (the sink tokens stay exact
+    inside the fake-quant), so query ``i`` reads tokens ``0..i`` quantized — the same K/V as the
+    prefill protocol (:meth:`KVQuant.decode_equals_prefill`)."""
+    fq = make_kvquant_fake_quant(model, cfg)
+
+    def view(k: torch.Tensor, v: torch.Tensor, layer_idx: int):
+        kq, vq = fq(k, v, layer_idx)
+        i = torch.arange(k.shape[-2]) + 1
+        return kq, vq, i, i
+
+    return view
+
+
 @register
 class KVQuant(KVMethod):
     name = "kvquant"
@@ -203,6 +217,12 @@ class KVQuant(KVMethod):
 
     def kv_fake_quant(self, model: nn.Module, cfg: Config):
         return make_kvquant_fake_quant(model, cfg)
+
+    def kv_decode_view(self, model: nn.Module, cfg: Config):
+        return make_kvquant_decode_view(model, cfg)
+
+    def decode_equals_prefill(self, cfg: Config) -> bool:
+        return True
 
     @staticmethod
     def _k_outliers(cache) -> int:

@@ -55,6 +55,24 @@ def make_qrazor_kv_fake_quant(cfg):
     return kv_fake_quant
 
 
+def make_qrazor_kv_decode_view(cfg):
+    """Decode-faithful view: values and per-token keys are razored on arrival (query ``i`` reads
+    tokens ``0..i`` razored, as in the prefill protocol); per-channel keys once their block of
+    ``k_block`` tokens is complete — the block is razored in the step that completes it, before
+    that step's attention (what :class:`QRazorKVLayer` does)."""
+
+    def view(k: torch.Tensor, v: torch.Tensor, layer_idx: int):
+        t = k.shape[-2]
+        i = torch.arange(t)
+        kq = qrazor_kv_fake_quant(k, cfg.kv_bits, cfg.group_size, cfg.base_bits, cfg.k_granularity,
+                                  cfg.k_block)
+        vq = qrazor_kv_fake_quant(v, cfg.kv_bits, cfg.group_size, cfg.base_bits, "per_token")
+        bk = i + 1 if cfg.k_granularity == "per_token" else ((i + 1) // cfg.k_block) * cfg.k_block
+        return kq, vq, bk, i + 1
+
+    return view
+
+
 @register
 class QRazorKV(KVMethod):
     name = "qrazor_kv"
@@ -99,6 +117,12 @@ class QRazorKV(KVMethod):
 
     def kv_fake_quant(self, model: nn.Module, cfg: Config):
         return make_qrazor_kv_fake_quant(cfg)
+
+    def kv_decode_view(self, model: nn.Module, cfg: Config):
+        return make_qrazor_kv_decode_view(cfg)
+
+    def decode_equals_prefill(self, cfg: Config) -> bool:
+        return cfg.k_granularity == "per_token"
 
     def expected_nbytes(self, cfg: Config, n_tokens: int, **dims) -> int:
         dims.pop("cache", None)

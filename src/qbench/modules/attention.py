@@ -23,7 +23,15 @@ hook point   signature                                                   where
 ``probs``    ``fn(module, probs) -> probs``                              after the softmax, the
                                                                          left operand of
                                                                          ``probs @ v``
+``kv_split`` ``fn(module, k, v) -> (kq, vq, bk, bv)``                    after the ``qkv``
+             or ``None`` (no split: the base kernel)                     hooks; at most one
 ===========  ==========================================================  ====================
+
+``kv_split`` (the decode-faithful KV protocol, :mod:`qbench.methods.kv_protocol`): a cache-less
+forward in which query ``i`` reads key ``j`` as ``kq[j]`` when ``j < bk[i]`` and as ``k[j]``
+otherwise (values likewise with ``vq``/``bv``) — what token-by-token decoding through a quantized
+cache shows each query. ``bk, bv`` are ``[s_q]`` integer tensors (positions counted from the first
+key). Such layers run :func:`split_kv_attention` (eager math, two score matrices).
 
 With only ``qkv`` hooks the base kernel runs unchanged (``sdpa`` stays fast); a ``scores`` or
 ``probs`` hook needs the matrices, so those layers run the eager computation below (bit-identical
@@ -60,11 +68,11 @@ from torch import nn
 __all__ = [
     "ATTN_IMPL", "HOOK_POINTS", "install", "uninstall", "is_installed", "attention_modules",
     "register_qkv_hook", "register_scores_hook", "register_probs_hook", "register_hook",
-    "remove_hook", "hooks_of", "qbench_attention_forward", "eager_attention",
+    "remove_hook", "hooks_of", "qbench_attention_forward", "eager_attention", "split_kv_attention",
 ]
 
 ATTN_IMPL = "qbench_attn"
-HOOK_POINTS = ("qkv", "scores", "probs")
+HOOK_POINTS = ("qkv", "scores", "probs", "kv_split")
 _SUPPORTED_BASES = ("sdpa", "eager")
 _HOOKS_ATTR = "_qbench_attn_hooks"
 _BASE_ATTR = "_qbench_attn_base"
@@ -258,11 +266,56 @@ def eager_attention(module: nn.Module, query, key, value, attention_mask, scalin
     return out.transpose(1, 2).contiguous(), probs
 
 
+def split_kv_attention(module: nn.Module, query, key, value, kq, vq, bk, bv, attention_mask,
+                       scaling: float | None = None, dropout: float = 0.0, softcap: float | None = None,
+                       scores_hooks=(), probs_hooks=(), **kwargs):
+    """Eager attention in which query ``i`` reads key ``j`` as ``kq[j]`` if ``j < bk[i]`` else
+    ``key[j]`` and value ``j`` as ``vq[j]`` if ``j < bv[i]`` else ``value[j]`` (see the module
+    docstring). Same math as :func:`eager_attention` otherwise (causal when no mask is given)."""
+    n_rep = query.shape[1] // key.shape[1]
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    ki = torch.arange(kv_len, device=query.device)[None, :]
+    use_kq = ki < bk.to(query.device)[:, None]  # [s_q, s_kv]
+    use_vq = ki < bv.to(query.device)[:, None]
+    s_fp = torch.matmul(query, _repeat_kv(key, n_rep).transpose(2, 3))
+    s_q = torch.matmul(query, _repeat_kv(kq, n_rep).transpose(2, 3))
+    scores = torch.where(use_kq, s_q, s_fp) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    for fn in scores_hooks:
+        scores = fn(module, scores)
+    if attention_mask is None:
+        qi = torch.arange(q_len, device=scores.device)[:, None] + (kv_len - q_len)
+        scores = scores.masked_fill(ki > qi, torch.finfo(scores.dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :kv_len], torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask[..., :kv_len]
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    for fn in probs_hooks:
+        probs = fn(module, probs)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    zero = torch.zeros((), dtype=probs.dtype, device=probs.device)
+    out = (torch.matmul(torch.where(use_vq, probs, zero), _repeat_kv(vq, n_rep))
+           + torch.matmul(torch.where(use_vq, zero, probs), _repeat_kv(value, n_rep)))
+    return out.transpose(1, 2).contiguous(), probs
+
+
 def qbench_attention_forward(module: nn.Module, query, key, value, attention_mask, **kwargs):
     """The ``"qbench_attn"`` attention implementation (see the module docstring)."""
     for fn in hooks_of(module, "qkv"):
         query, key, value = fn(module, query, key, value)
     s_hooks, p_hooks = hooks_of(module, "scores"), hooks_of(module, "probs")
+    split = hooks_of(module, "kv_split")
+    if len(split) > 1:
+        raise ValueError(f"{len(split)} kv_split hooks on one attention module; at most one is allowed")
+    res = split[0](module, key, value) if split else None
+    if res is not None:
+        kq, vq, bk, bv = res
+        return split_kv_attention(module, query, key, value, kq, vq, bk, bv, attention_mask,
+                                  scores_hooks=s_hooks, probs_hooks=p_hooks, **kwargs)
     base = getattr(module, _BASE_ATTR, "sdpa")
     if s_hooks or p_hooks or base == "eager" or kwargs.get("softcap") is not None:
         return eager_attention(module, query, key, value, attention_mask, scores_hooks=s_hooks,

@@ -109,10 +109,12 @@ class KIVILayer(_QuantLayer):
         self.is_initialized = True
 
     def _flush(self) -> None:
+        # KIVI's reference: K leaves the window in whole blocks of R keys (T mod R stay fp), V
+        # token by token (the newest R stay fp); see kivi_quant_lengths.
         g, r = self.group_size, self.residual
         if self.k_bits < 16:
             n_fp = self.keys.shape[2]
-            n = ((n_fp - r) // g) * g if n_fp > r else 0
+            n = (n_fp // r) * r if r > 0 else (n_fp // g) * g
             if n:
                 codes, s, m = quant_groups(k_to_rows(self.keys[:, :, :n]), self.k_bits, g)
                 self.k_codes = torch.cat([self.k_codes, pack_codes(codes, self.k_bits)], -1)
@@ -150,11 +152,14 @@ class KIVILayer(_QuantLayer):
         self.cumulative_length += t_new
         self.keys = torch.cat([self.keys, key_states], 2)
         self.values = torch.cat([self.values, value_states], 2)
-        self._flush()
+        # KIVI's decode step: the new tokens join the fp window, attention reads that state, and
+        # the window is flushed afterwards (so a query sees itself and up to R-1 earlier keys /
+        # R earlier values in full precision). A prefill with prefill_with_quant attends to the
+        # flushed state instead (the seed's modified KIVI: T mod R keys and R values fp).
         k, v = self.dequantized()
-        if t_new > 1 and not self.prefill_with_quant:
-            k = torch.cat([k[:, :, :-t_new], key_states], 2)
-            v = torch.cat([v[:, :, :-t_new], value_states], 2)
+        self._flush()
+        if t_new > 1 and self.prefill_with_quant:
+            k, v = self.dequantized()
         _mark_served(k)
         return k, v
 

@@ -20,11 +20,12 @@ KIVI (Liu et al., 2024) — asymmetric uniform, scale and minimum stored in fp16
 * ``x ≈ q*scale + min`` with ``q = clamp(round((x-min)/scale), 0, 2^b-1)``. ``min`` is rounded
   *down* and ``scale`` *up* to fp16, so every value of the group lies inside the representable
   range and the round-trip error is at most ``scale/2`` (the stored fp16 scale);
-* residual window: the most recent ``residual`` tokens stay in full precision. K leaves the window
-  in chunks of ``group_size`` tokens (a chunk is quantized once the window holds ``residual +
-  group_size`` tokens, so between ``residual`` and ``residual+group_size-1`` K tokens are fp), V
-  token by token. After ``T`` tokens ``kivi_quant_lengths(T)`` tokens of K / V are quantized,
-  whatever the update pattern was (prefill + decode or token by token).
+* residual window (KIVI's reference, ``models/llama_kivi.py``): K leaves the window in blocks of
+  ``residual`` tokens — the window is flushed (quantized in groups of ``group_size`` tokens) when
+  it holds ``residual`` keys, so ``T mod residual`` keys are fp after ``T`` tokens; V token by
+  token, the newest ``residual`` values fp. After ``T`` tokens ``kivi_quant_lengths(T)`` tokens of
+  K / V are quantized, whatever the update pattern was (prefill + decode or token by token). In a
+  decode step the flush happens after attention (:func:`kivi_decode_bounds`).
 
 KVQuant (Hooper et al., 2024):
 
@@ -179,9 +180,28 @@ def rows_to_v(rows: torch.Tensor, h: int, d: int) -> torch.Tensor:
 
 
 def kivi_quant_lengths(n_tokens: int, residual: int, group_size: int) -> tuple[int, int]:
-    """Tokens of K and of V held quantized after ``n_tokens`` tokens (the rest is the fp window)."""
-    over = max(n_tokens - residual, 0)
-    return (over // group_size) * group_size, over
+    """Tokens of K and of V held quantized after ``n_tokens`` tokens (the rest is the fp window),
+    as KIVI's reference (``models/llama_kivi.py``) and the seed's prefill-with-quant split them:
+    K in whole blocks of ``residual`` tokens — the newest ``T mod R`` keys stay in full precision
+    and a block is quantized (in groups of ``group_size`` tokens) the moment the window holds
+    ``R`` keys; V token by token — the newest ``R`` values stay in full precision.
+    ``residual = 0`` (not in the reference, which divides by R): K in whole groups, V all."""
+    if residual <= 0:
+        return (n_tokens // group_size) * group_size, n_tokens
+    return (n_tokens // residual) * residual, max(n_tokens - residual, 0)
+
+
+def kivi_decode_bounds(n_tokens: int, residual: int, group_size: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode-faithful split for teacher-forced scoring: query ``i`` sees key/value ``j``
+    quantized iff ``j < bk[i]`` / ``j < bv[i]``. In KIVI's decode step the new token is appended
+    to the full-precision window, attention runs, and only then the window is flushed (K when it
+    holds R keys, V its oldest value once it holds R+1), so query ``i`` reads the cache state after
+    ``i`` tokens plus itself in full precision: ``bk[i], bv[i] = kivi_quant_lengths(i)``."""
+    i = torch.arange(n_tokens)
+    if residual <= 0:
+        return (i // group_size) * group_size, i
+    return (i // residual) * residual, (i - residual).clamp_min(0)
 
 
 def kivi_v_group(n_channels: int, group_size: int) -> int:
@@ -192,12 +212,15 @@ def kivi_v_group(n_channels: int, group_size: int) -> int:
 
 
 def kivi_fake_quant(k: torch.Tensor, v: torch.Tensor, *, k_bits: int, v_bits: int,
-                    group_size: int, residual: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    group_size: int, residual: int, lengths: tuple[int, int] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """What attention sees from a KIVI cache holding exactly these ``T`` tokens (a prefill with
     quantization): K/V older than the fp window quantized, the window exact. Same numbers as
-    :class:`qbench.modules.kv_cache.KIVILayer` with ``prefill_with_quant=True``."""
+    :class:`qbench.modules.kv_cache.KIVILayer` with ``prefill_with_quant=True``. ``lengths``
+    overrides the quantized ``(K, V)`` prefix lengths (K: a multiple of ``group_size``) — with
+    ``(T//G*G, T)`` every token gets the value it has once flushed (the decode-faithful view)."""
     b, h, t, d = k.shape
-    nqk, nqv = kivi_quant_lengths(t, residual, group_size)
+    nqk, nqv = lengths if lengths is not None else kivi_quant_lengths(t, residual, group_size)
     if k_bits < 16 and nqk:
         rows = k_to_rows(k[:, :, :nqk])
         kq = rows_to_k(dequant_groups(*quant_groups(rows, k_bits, group_size)), h, d).to(k.dtype)
@@ -533,4 +556,4 @@ def packed_nbytes(n_values: int, bits: int) -> int:
     return packed_words(n_values, bits) * 4
 
 
-__all__ += ["packed_nbytes", "kivi_v_group"]
+__all__ += ["packed_nbytes", "kivi_v_group", "kivi_decode_bounds"]
