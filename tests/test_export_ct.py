@@ -45,7 +45,8 @@ EXACT = {
     "w4-awq-g32": [{"awq": {"w_bits": 4, "group_size": 32, **CAL}}],
     "w4-8-zq-g32": [{"zeroquant": {"w_bits_attn": 8, "w_bits_mlp": 4, "group_size": 32, "a_bits": 16}}],
     "w8a8-sq-rtn": [{"smoothquant": {"alpha": 0.5, **CAL}},
-                    {"rtn": {"w_bits": 8, "sym": True, "a_bits": 8, "a_granularity": "per_token"}}],
+                    {"rtn": {"w_bits": 8, "sym": True, "a_bits": 8, "a_granularity": "per_token",
+                             "sym_grid": "midpoint"}}],  # compressed-tensors' activation grid
 }
 
 
@@ -111,7 +112,7 @@ def test_config_is_the_librarys_and_schemes_map_exactly(tmp_path):
 def test_w8a8_export_quantizes_activations_in_transformers(tmp_path):
     """The int8 activations are part of the exported scheme: transformers' logits follow qbench's
     W8A8 model, not the weight-only W8 one."""
-    w8a8 = [{"rtn": {"w_bits": 8, "sym": True, "a_bits": 8}}]
+    w8a8 = [{"rtn": {"w_bits": 8, "sym": True, "a_bits": 8, "sym_grid": "midpoint"}}]
     ck = make_checkpoint(tmp_path / "ck", w8a8)
     ck8 = make_checkpoint(tmp_path / "ck8", [{"rtn": {"w_bits": 8, "sym": True}}])
     export_checkpoint(ck, tmp_path / "ct", "compressed-tensors", log=lambda s: None)
@@ -131,6 +132,7 @@ def test_w8a8_export_quantizes_activations_in_transformers(tmp_path):
      r"recipes\.bad\[1\]\.kivi: .*KV cache"),
     ([{"bcq": {"w_bits": 3, "group_size": 32}}], r"recipes\.bad\[0\]\.bcq: .*binary-coding"),
     ([{"rtn": {"w_bits": 6, "sym": True, "a_bits": 6}}], r"recipes\.bad\[0\]\.rtn: .*6-bit symmetric activations"),
+    ([{"rtn": {"w_bits": 8, "sym": True, "a_bits": 8}}], r"recipes\.bad\[0\]\.rtn: .*restricted ±127 grid.*sym_grid: midpoint"),
     ([{"hqq": {"w_bits": 4, "group_size": 32}}], r"recipes\.bad\[0\]\.hqq: .*fractional"),
     ([{"fpquant": {"w_format": "mxfp4", "a_format": "none"}}], r"recipes\.bad\[0\]\.fpquant: .*mxfp4 weights"),
     ([{"rtn": {"w_bits": 8, "sym": True}}, {"attn_quant": {"q_bits": 8, "s_bits": 8}}],

@@ -102,7 +102,36 @@ def test_activation_quant_per_token_error_bound():
     x = torch.randn(10, 64) * torch.linspace(0.1, 5, 10)[:, None]
     xq = fake_quantize_activation(x, 8, "per_token", sym=True)
     absmax = x.abs().amax(-1, keepdim=True)
-    assert ((x - xq).abs() <= absmax / 255 + 1e-6).all()
+    assert ((x - xq).abs() <= absmax / 254 * (1 + 1e-6)).all()  # half a step of absmax/127
+    xm = fake_quantize_activation(x, 8, "per_token", sym=True, sym_grid="midpoint")
+    assert ((x - xm).abs() <= absmax / 255 * (1 + 1e-6) + 1e-6).all()
     lin = torch.nn.Linear(64, 8, bias=False)
     al = ActQuantLinear.from_linear(lin, a_bits=8)
     torch.testing.assert_close(al(x), xq @ lin.weight.T)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_grids(bits):
+    """restricted: ±(2^(b-1)-1) steps of absmax/(2^(b-1)-1) — ±absmax exact, code 0 unused, error ≤
+    half a step; midpoint (GPTQ's reference): step 2·absmax/(2^b-1), the positive maximum clipped
+    by half a step (1/(2^b-1) of absmax: 6.7 % at 4 bits)."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(8, 64, generator=g)
+    w[0, 3], w[1, 5] = 3.0, -3.0  # row 0: the absmax is positive, row 1: negative
+    absmax = w.abs().amax(1, keepdim=True)
+    half = 2 ** (bits - 1)
+    q, s, z = quantize_weight(w, WeightQuantSpec(bits, True, -1))
+    assert torch.equal(z, torch.full_like(z, half)) and int(q.min()) >= 1 and int(q.max()) <= 2 ** bits - 1
+    torch.testing.assert_close(s, absmax / (half - 1))
+    wr = dequantize_weight(q, s, z)
+    assert wr[0, 3] == pytest.approx(3.0, rel=1e-6) and wr[1, 5] == pytest.approx(-3.0, rel=1e-6)
+    assert bool(((wr - w).abs() <= s / 2 * (1 + 1e-5)).all())
+    qm, sm, zm = quantize_weight(w, WeightQuantSpec(bits, True, -1, sym_grid="midpoint"))
+    wm = dequantize_weight(qm, sm, zm)
+    torch.testing.assert_close(sm, 2 * absmax / (2 ** bits - 1))
+    assert wm[0, 3] == pytest.approx(3.0 * (1 - 1 / (2 ** bits - 1)), rel=1e-5)  # clipped
+    assert abs(float(wm[1, 5]) + 3.0) <= float(sm[1]) / 2 * (1 + 1e-5)  # -absmax lies inside
+    if bits == 4:
+        assert 1 - float(wm[0, 3]) / 3.0 == pytest.approx(0.0667, abs=1e-3)
+    with pytest.raises(Exception, match="sym_grid='mid': allowed values are restricted, midpoint"):
+        quantize_weight(w, WeightQuantSpec(bits, True, -1, sym_grid="mid"))

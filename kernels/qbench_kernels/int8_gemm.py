@@ -19,7 +19,8 @@ codes per int32, unpacked in registers) or a plain int8 ``[N, K]`` matrix (LLM.i
 programs (fp32 partials, summed after: deterministic).
 
 The activation quantizer reproduces ``qbench.quant.uniform.fake_quantize_activation`` (8 bits,
-per token or per tensor, sym or asym): ``scale = 2·absmax/255`` (sym) or ``(max−min)/255``
+per token or per tensor, sym or asym; the restricted symmetric grid): ``scale = absmax/127``
+(sym, codes 1..255 ↔ ±127) or ``(max−min)/255``
 (asym, ``zero = round(−min/scale)``), codes ``clamp(round(x/scale) + zero, 0, 255)`` with
 round-half-to-even, one program per token.
 """
@@ -48,7 +49,7 @@ def quantize_act_int8_reference(x: torch.Tensor, sym: bool = True, per_token: bo
     xmin = torch.minimum(xmin, torch.zeros_like(xmin))
     xmax = torch.maximum(xmax, torch.zeros_like(xmax))
     if sym:
-        scale = 2 * torch.maximum(xmin.abs(), xmax) / 255
+        scale = torch.maximum(xmin.abs(), xmax) / 127  # the restricted ±127 grid (SmoothQuant)
         zero = torch.full_like(scale, 128.0)
     else:
         scale = (xmax - xmin) / 255
@@ -110,7 +111,7 @@ if triton is not None:
             mn = tl.min(lo, axis=0)
             mx = tl.max(hi, axis=0)
             if SYM:
-                scale = 2 * tl.maximum(-mn, mx) / 255
+                scale = tl.maximum(-mn, mx) / 127
             else:
                 scale = (mx - mn) / 255
             scale = tl.where(scale > 0, scale, 1.0)

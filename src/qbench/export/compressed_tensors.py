@@ -69,6 +69,10 @@ def _scheme_args(name: str, mod: nn.Module) -> dict:
             raise Refusal(f"{mod.a_bits}-bit {'symmetric' if mod.a_sym else 'asymmetric'} activations: "
                           "the compressed-tensors integer schemes served by runtimes use symmetric "
                           "int8 activations")
+        if getattr(mod, "a_sym_grid", "midpoint") != "midpoint":
+            raise Refusal("symmetric int8 activations on the restricted ±127 grid (absmax/127): "
+                          "compressed-tensors' dynamic int8 activations use absmax/127.5 "
+                          "(codes -128..127); quantize with sym_grid: midpoint to export")
         acts = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True,
                 "strategy": "token" if mod.a_granularity == "per_token" else "tensor"}
     return {"weights": weights, "input_activations": acts}

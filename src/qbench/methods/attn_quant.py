@@ -47,7 +47,8 @@ def fake_quant_heads(x: torch.Tensor, bits: int, granularity: str, sym: bool) ->
         raise ConfigError(f"granularity={granularity!r}: allowed values are {', '.join(GRANULARITY)}")
     xmin = xf.amin(dim=dims, keepdim=True)
     xmax = xf.amax(dim=dims, keepdim=True)
-    scale, zero = compute_qparams(xmin, xmax, bits, sym)
+    # the seed's attention quantizer is GPTQ's Quantizer: its symmetric grid is the midpoint one
+    scale, zero = compute_qparams(xmin, xmax, bits, sym, "midpoint")
     return fake_quantize(xf, scale, zero, bits).to(x.dtype)
 
 

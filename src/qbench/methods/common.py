@@ -22,7 +22,7 @@ from ..modules import set_module, target_linears
 from ..modules.kv_binding import kv_dims_of_config
 from ..modules.qlinear import ActQuantLinear, QuantLinear
 from ..quant.gptq import gptq_quantize_weight
-from ..quant.uniform import WeightQuantSpec, compute_qparams
+from ..quant.uniform import SYM_GRIDS, WeightQuantSpec, compute_qparams, sym_grid_label
 from .base import CalibArgs, ConfigError, Descriptor, MethodConfig, QuantContext, opt
 
 __all__ = [
@@ -46,13 +46,19 @@ class WeightActArgs(MethodConfig):
     a_granularity: str = opt("per_token", "dynamic activation scale per token or per tensor",
                              choices=("per_token", "per_tensor"))
     a_sym: bool = opt(True, "symmetric activations")
+    sym_grid: str = opt("restricted", "symmetric grid of weights and activations: restricted "
+                        "±(2^(b-1)-1)·absmax/(2^(b-1)-1) (SmoothQuant, LLM.int8(), ZeroQuant, QuaRot) "
+                        "or midpoint 2·absmax/(2^b-1) with codes -2^(b-1)..2^(b-1)-1 (GPTQ's reference)",
+                        choices=SYM_GRIDS)
     skip: list = field(default_factory=list, metadata={"doc": "regexes of layer names to leave in 16 bits"})
 
     def spec(self) -> WeightQuantSpec:
-        return WeightQuantSpec(self.w_bits, self.sym, self.group_size, getattr(self, "clip_ratio", 1.0))
+        return WeightQuantSpec(self.w_bits, self.sym, self.group_size, getattr(self, "clip_ratio", 1.0),
+                               self.sym_grid)
 
     def act(self) -> dict:
-        return {"a_bits": self.a_bits, "a_granularity": self.a_granularity, "a_sym": self.a_sym}
+        return {"a_bits": self.a_bits, "a_granularity": self.a_granularity, "a_sym": self.a_sym,
+                "a_sym_grid": self.sym_grid}
 
 
 def divisor_hint(n: int) -> str:
@@ -79,7 +85,7 @@ def fp16_qparams(w: torch.Tensor, spec: WeightQuantSpec) -> tuple[torch.Tensor, 
 
     wg = _grouped(w.float(), spec)
     scale, zero = compute_qparams(wg.amin(-1) * spec.clip_ratio, wg.amax(-1) * spec.clip_ratio,
-                                  spec.bits, spec.sym)
+                                  spec.bits, spec.sym, spec.sym_grid)
     return scale.half().float(), zero
 
 
@@ -99,9 +105,9 @@ def finalize_act_only(model: nn.Module, cfg: WeightActArgs) -> int:
     return n
 
 
-def uniform_grid(sym: bool) -> str:
+def uniform_grid(sym: bool, sym_grid: str = "restricted") -> str:
     """The descriptor grid of uniform integer codes."""
-    return "uniform-sym" if sym else "uniform-asym"
+    return sym_grid_label(sym, sym_grid)
 
 
 def weight_act_descriptor(cfg: WeightActArgs, storage: str = "QuantLinear") -> Descriptor:
@@ -110,7 +116,8 @@ def weight_act_descriptor(cfg: WeightActArgs, storage: str = "QuantLinear") -> D
     quant_w, quant_a = cfg.w_bits < 16, cfg.a_bits < 16
     return Descriptor(family="weight-activation" if quant_a else "weight-only", w_bits=cfg.w_bits,
                       a_bits=cfg.a_bits, group=cfg.group_size,
-                      grid=uniform_grid(cfg.sym) if quant_w else None,
+                      grid=(uniform_grid(cfg.sym, cfg.sym_grid) if quant_w
+                            else (f"activations {uniform_grid(cfg.a_sym, cfg.sym_grid)}" if quant_a else None)),
                       storage=storage if quant_w else ("ActQuantLinear" if quant_a else None))
 
 
@@ -148,6 +155,9 @@ class GPTQArgs(CalibArgs, WeightActArgs):
     blocksize: int = opt(128, "columns per lazy batch update", range=(1, 1 << 16))
     true_sequential: bool = opt(True, "quantize q,k,v → o → gate,up → down with re-captured inputs")
     mse: bool = opt(False, "grid-search the clipping of each group's range (reference Quantizer mse)")
+    sym_grid: str = opt("midpoint", "symmetric grid: midpoint 2·absmax/(2^b-1), codes -2^(b-1)..2^(b-1)-1 "
+                        "(the IST-DASLab reference Quantizer, default) or restricted ±(2^(b-1)-1) "
+                        "(QuaRot's GPTQ)", choices=SYM_GRIDS)
 
     def validate(self, key: str) -> None:
         if self.w_bits < 16 and not 2 <= self.w_bits <= 8:

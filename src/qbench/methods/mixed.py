@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..calib.blockwise import BlockInputs, get_decoder_layers, run_blockwise
 from ..modules import set_module, target_linears
-from ..quant.uniform import WeightQuantSpec, dequantize_weight, quantize_weight
+from ..quant.uniform import WeightQuantSpec, dequantize_weight, quantize_weight, sym_grid_label
 from ..calib.hessian import collect_hessians
 from .base import CalibArgs, ConfigError, Descriptor, Method, QuantContext, calib_field, opt, register
 from .common import GPTQArgs, check_group_size, fp16_qparams, gptq_model, make_quant_linear, module_name
@@ -193,7 +193,7 @@ class MixedPrecision(Method):
     def describe(self, cfg: Config) -> Descriptor:
         # per-layer widths: the budget is the headline W ("≤3.5"), the candidates the grid
         return Descriptor(family="weight-only", w_bits=f"≤{cfg.avg_bits:g}", group=cfg.group_size,
-                          grid=("uniform-sym" if cfg.sym else "uniform-asym")
+                          grid=sym_grid_label(cfg.sym)
                           + f", widths {'/'.join(map(str, sorted(cfg.bits)))}", storage="QuantLinear")
 
     def check(self, model, cfg, key):

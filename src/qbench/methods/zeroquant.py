@@ -1,6 +1,10 @@
 """ZeroQuant (Yao et al., 2022): group-wise weights, token-wise dynamic activations and
 layer-by-layer knowledge distillation (LKD).
 
+* Grid (issue 16): weights and activations on the symmetric integer grid ±(2^(b-1)-1)·absmax/
+  (2^(b-1)-1) (``sym_grid = restricted``, :mod:`qbench.quant.uniform`), as the issue asks for
+  ZeroQuant; DeepSpeed's ``SymQuantizer`` (the seed's backend) instead uses the step
+  2·absmax/2^b clamped to [-2^(b-1), 2^(b-1)-1] — a deviation from the seed's code, stated here.
 * Weights: symmetric, per output row and group of ``group_size`` inputs (-1: per row, the seed's
   "number_of_groups = rows" setting), bits chosen per module kind — ``w_bits_attn`` for
   ``self_attn.*`` and ``w_bits_mlp`` for ``mlp.*`` (the seed's W4/8: ``w_bits_mlp: 4,
@@ -45,7 +49,8 @@ from torch import nn
 from ..calib.blockwise import BlockInputs, run_blockwise
 from ..modules import set_module, target_linears
 from ..modules.qlinear import ActQuantLinear
-from ..quant.uniform import WeightQuantSpec, compute_qparams, fake_quantize_activation, quantize_weight
+from ..quant.uniform import (WeightQuantSpec, compute_qparams, fake_quantize_activation, quantize_weight,
+                             sym_grid_label)
 from .base import CalibArgs, ConfigError, Descriptor, Method, QuantContext, calib_field, opt, register
 from .common import A_BITS, W_BITS, divisor_hint, fp16_qparams, make_quant_linear
 
@@ -106,7 +111,7 @@ class FakeQuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.bits, self.a_bits, self.scale_mode = bits, a_bits, scale_mode
-        self.spec = WeightQuantSpec(bits, True, group_size)
+        self.spec = WeightQuantSpec(bits, True, group_size, sym_grid="restricted")  # ±(2^(b-1)-1)
         self.weight = nn.Parameter(lin.weight.detach().float().clone())
         self.bias = nn.Parameter(lin.bias.detach().float().clone()) if lin.bias is not None else None
         if bits < 16:
@@ -208,7 +213,7 @@ class ZeroQuant(Method):
         # per-module weight bits: "MLP/attention" like the seed's W4/8
         mlp, attn = cfg.w_bits_mlp, cfg.w_bits_attn
         return Descriptor(family="weight-activation", w_bits=mlp if mlp == attn else f"{mlp}/{attn}",
-                          a_bits=cfg.a_bits, group=cfg.group_size, grid="uniform-sym",
+                          a_bits=cfg.a_bits, group=cfg.group_size, grid=sym_grid_label(True, "restricted"),
                           storage="QuantLinear")
 
     def check(self, model: nn.Module, cfg: Config, key: str) -> None:
@@ -229,7 +234,7 @@ class ZeroQuant(Method):
 
     # ------------------------------------------------------------------ quantization
     def _act(self, cfg: Config) -> dict:
-        return {"a_bits": cfg.a_bits, "a_granularity": "per_token", "a_sym": True}
+        return {"a_bits": cfg.a_bits, "a_granularity": "per_token", "a_sym": True, "a_sym_grid": "restricted"}
 
     def _quantize_dense(self, model: nn.Module, name: str, lin: nn.Linear, cfg: Config) -> bool:
         bits = module_bits(name, cfg)
@@ -238,7 +243,7 @@ class ZeroQuant(Method):
                 set_module(model, name, ActQuantLinear.from_linear(lin, **self._act(cfg)))
                 return True
             return False
-        spec = WeightQuantSpec(bits, True, cfg.group_size)
+        spec = WeightQuantSpec(bits, True, cfg.group_size, sym_grid="restricted")
         scale, zero = fp16_qparams(lin.weight.data, spec)
         codes, scale, zero = quantize_weight(lin.weight.data, spec, scale, zero)
         set_module(model, name, make_quant_linear(lin, codes, scale, zero, spec, self._act(cfg)))

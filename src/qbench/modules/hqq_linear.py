@@ -19,9 +19,10 @@ class HQQLinear(QuantLinear):
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 64,
                  bias: bool = False, a_bits: int = 16, a_granularity: str = "per_token",
-                 a_sym: bool = True, dtype: torch.dtype = torch.float32):
+                 a_sym: bool = True, dtype: torch.dtype = torch.float32, a_sym_grid: str = "restricted"):
         super().__init__(in_features, out_features, bits, group_size, sym=False, bias=bias,
-                         a_bits=a_bits, a_granularity=a_granularity, a_sym=a_sym, dtype=dtype)
+                         a_bits=a_bits, a_granularity=a_granularity, a_sym=a_sym, dtype=dtype,
+                         a_sym_grid=a_sym_grid)
         self.register_buffer("zeros", torch.zeros(out_features, self.n_groups, dtype=torch.float16))
 
     @classmethod

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..quant.packing import pack, packed_words, unpack
 from .backend import REFERENCE, kernels_for
-from ..quant.uniform import WeightQuantSpec, dequantize_weight, fake_quantize_activation
+from ..quant.uniform import WeightQuantSpec, check_sym_grid, dequantize_weight, fake_quantize_activation
 from .registry import register_module_type
 
 
@@ -34,17 +34,24 @@ class ActQuantMixin:
     a_bits: int = 16
     a_granularity: str = "per_token"
     a_sym: bool = True
+    #: symmetric activation grid (:mod:`qbench.quant.uniform`); checkpoints written before the
+    #: choice existed stored no ``a_sym_grid`` and used ``midpoint`` (the loader fills that in)
+    a_sym_grid: str = "restricted"
 
-    def set_act_quant(self, bits: int = 16, granularity: str = "per_token", sym: bool = True):
+    def set_act_quant(self, bits: int = 16, granularity: str = "per_token", sym: bool = True,
+                      sym_grid: str = "restricted"):
         self.a_bits, self.a_granularity, self.a_sym = int(bits), granularity, bool(sym)
+        self.a_sym_grid = check_sym_grid(sym_grid, "a_sym_grid")
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits >= 16:
             return x
-        return fake_quantize_activation(x, self.a_bits, self.a_granularity, self.a_sym)
+        return fake_quantize_activation(x, self.a_bits, self.a_granularity, self.a_sym,
+                                        sym_grid=self.a_sym_grid)
 
     def act_meta(self) -> dict:
-        return {"a_bits": self.a_bits, "a_granularity": self.a_granularity, "a_sym": self.a_sym}
+        return {"a_bits": self.a_bits, "a_granularity": self.a_granularity, "a_sym": self.a_sym,
+                "a_sym_grid": self.a_sym_grid}
 
 
 class DequantCache:
@@ -97,7 +104,7 @@ class QuantLinear(DequantCache, nn.Module, ActQuantMixin):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = -1,
                  sym: bool = False, bias: bool = False, has_g_idx: bool = False,
                  a_bits: int = 16, a_granularity: str = "per_token", a_sym: bool = True,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, a_sym_grid: str = "restricted"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym = bits, group_size, sym
@@ -115,7 +122,7 @@ class QuantLinear(DequantCache, nn.Module, ActQuantMixin):
         else:
             self.g_idx = None
         self._init_compute(out_features, bias, dtype)
-        self.set_act_quant(a_bits, a_granularity, a_sym)
+        self.set_act_quant(a_bits, a_granularity, a_sym, a_sym_grid)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -163,8 +170,10 @@ class QuantLinear(DequantCache, nn.Module, ActQuantMixin):
 
     def _int8_path(self) -> bool:
         """W8A8 with per-channel weights: a true int8 × int8 GEMM (codes of both sides centred)."""
+        # the kernel's symmetric activation grid is the restricted ±127 one
         return (self.bits == 8 and self.a_bits == 8 and self.n_groups == 1 and self.g_idx is None
                 and self.a_granularity in ("per_token", "per_tensor")
+                and (not self.a_sym or self.a_sym_grid == "restricted")
                 and (self.zeros is None or self.zeros.dtype == torch.uint8))  # integer zero points only
 
     def kernel_backend(self) -> str:
@@ -215,9 +224,9 @@ class ActQuantLinear(nn.Linear, ActQuantMixin):
     16-bit weights, or as the carrier for methods that only touch activations)."""
 
     def __init__(self, in_features, out_features, bias=False, a_bits=16, a_granularity="per_token",
-                 a_sym=True, dtype=torch.float32):
+                 a_sym=True, dtype=torch.float32, a_sym_grid="restricted"):
         super().__init__(in_features, out_features, bias=bias, dtype=dtype)
-        self.set_act_quant(a_bits, a_granularity, a_sym)
+        self.set_act_quant(a_bits, a_granularity, a_sym, a_sym_grid)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, **act) -> "ActQuantLinear":

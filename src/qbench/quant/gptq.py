@@ -23,7 +23,7 @@ def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: WeightQuant
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16-representable scale and integer zero for per-row ranges."""
     maxq = 2 ** spec.bits - 1
-    scale, zero = compute_qparams(xmin, xmax, spec.bits, spec.sym)
+    scale, zero = compute_qparams(xmin, xmax, spec.bits, spec.sym, spec.sym_grid)
     scale = _fp16(scale)
     if not spec.sym:  # the zero point that goes with the *stored* scale
         zero = torch.round(-torch.minimum(xmin, torch.zeros_like(xmin)) / scale).clamp(0, maxq)

@@ -3,9 +3,15 @@
 Conventions (shared by all methods, the packed layout and the kernels):
 
 * integer codes ``q`` are unsigned in ``[0, 2**bits - 1]``;
-* ``x ≈ (q - zero) * scale``; symmetric quantization uses the GPTQ convention
-  ``scale = 2*absmax / (2**bits - 1)`` and the constant midpoint ``zero = 2**(bits-1)``, which keeps
-  the full code range usable and matches the reference implementations;
+* ``x ≈ (q - zero) * scale``; symmetric quantization has the constant zero point
+  ``zero = 2**(bits-1)`` and one of two grids (``sym_grid``, recorded in the descriptor):
+
+  - ``restricted`` (default): ``scale = absmax / (2**(bits-1) - 1)``, values
+    ``±(2^(b-1)-1)·scale`` — the grid of SmoothQuant (``fake_quant.py``: ``q_max = 2^(b-1)-1``),
+    LLM.int8() (absmax/127), ZeroQuant and QuaRot; code 0 is unused and ±absmax are exact;
+  - ``midpoint``: the IST-DASLab GPTQ ``Quantizer`` (and the seed's RTN):
+    ``scale = 2*absmax / (2**bits - 1)``, codes ``0..2^b-1`` → ``-2^(b-1)..2^(b-1)-1`` steps, so
+    the positive maximum is clipped by half a step (6.7 % of absmax at 4 bits);
 * asymmetric: ``scale = (max - min) / (2**bits - 1)``, ``zero = round(-min / scale)``;
 * weights are quantized along the input dimension (last axis) per output row ("per-channel"),
   per group of ``group_size`` consecutive inputs, or per tensor;
@@ -32,6 +38,9 @@ __all__ = [
     "fake_quantize_weight",
     "fake_quantize_activation",
     "check_bits",
+    "SYM_GRIDS",
+    "check_sym_grid",
+    "sym_grid_label",
 ]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
@@ -43,19 +52,33 @@ def check_bits(bits: int, key: str = "bits", lo: int = 2, hi: int = 8) -> int:
     return bits
 
 
+SYM_GRIDS = ("restricted", "midpoint")
+
+
+def check_sym_grid(sym_grid: str, key: str = "sym_grid") -> str:
+    if sym_grid not in SYM_GRIDS:
+        raise ConfigError(f"{key}={sym_grid!r}: allowed values are {', '.join(SYM_GRIDS)}")
+    return sym_grid
+
+
 def compute_qparams(
     xmin: torch.Tensor,
     xmax: torch.Tensor,
     bits: int,
     sym: bool,
+    sym_grid: str = "restricted",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (both float tensors) from per-slice min/max."""
+    """Scale and zero point (both float tensors) from per-slice min/max (``sym_grid``: see the
+    module docstring)."""
     maxq = 2**bits - 1
     xmin = torch.minimum(xmin, torch.zeros_like(xmin))
     xmax = torch.maximum(xmax, torch.zeros_like(xmax))
     if sym:
         absmax = torch.maximum(xmin.abs(), xmax)
-        scale = 2 * absmax / maxq
+        if check_sym_grid(sym_grid) == "restricted":
+            scale = absmax / (2 ** (bits - 1) - 1)
+        else:
+            scale = 2 * absmax / maxq
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
         scale = (xmax - xmin) / maxq
@@ -88,6 +111,7 @@ class WeightQuantSpec:
     sym: bool = False
     group_size: int = -1  # -1: per output channel (one group spanning all inputs); 0: per tensor
     clip_ratio: float = 1.0  # shrink min/max before computing the scale (1.0 = no clipping)
+    sym_grid: str = "restricted"  # symmetric grid (module docstring); ignored when asymmetric
 
     @property
     def granularity(self) -> str:
@@ -117,7 +141,7 @@ def weight_qparams(w: torch.Tensor, spec: WeightQuantSpec) -> tuple[torch.Tensor
     wg = _grouped(w.float(), spec)
     xmin = wg.amin(dim=-1) * spec.clip_ratio
     xmax = wg.amax(dim=-1) * spec.clip_ratio
-    return compute_qparams(xmin, xmax, spec.bits, spec.sym)
+    return compute_qparams(xmin, xmax, spec.bits, spec.sym, spec.sym_grid)
 
 
 def quantize_weight(
@@ -161,9 +185,16 @@ def fake_quantize_weight(w: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor
     return dequantize_weight(q, s, z).to(w.dtype)
 
 
+def sym_grid_label(sym: bool, sym_grid: str = "restricted") -> str:
+    """The descriptor's name of a uniform integer grid."""
+    if not sym:
+        return "uniform-asym"
+    return "uniform-sym ±(2^(b-1)-1)" if sym_grid == "restricted" else "uniform-sym midpoint (GPTQ)"
+
+
 def fake_quantize_activation(
     x: torch.Tensor, bits: int, granularity: str = "per_token", sym: bool = True,
-    clip_ratio: float = 1.0,
+    clip_ratio: float = 1.0, sym_grid: str = "restricted",
 ) -> torch.Tensor:
     """Dynamic activation quantization (quantize + dequantize) over the last axis.
 
@@ -181,5 +212,5 @@ def fake_quantize_activation(
         xmax = xf.amax() * clip_ratio
     else:
         raise ConfigError(f"a_granularity={granularity!r}: allowed values are 'per_token', 'per_tensor'")
-    scale, zero = compute_qparams(xmin, xmax, bits, sym)
+    scale, zero = compute_qparams(xmin, xmax, bits, sym, sym_grid)
     return fake_quantize(xf, scale, zero, bits).to(x.dtype)
