@@ -9,10 +9,10 @@ from qbench.modules import attention as attn
 from qbench.modules.kv_binding import cache_for_model, kv_binding
 from qbench.modules.kv_cache import cache_nbytes, fp16_nbytes
 from qbench.modules.qrazor_kv_cache import (
-    QRazorKVCache, QRazorKVLayer, qkv_scale, qrazor_kv_expected_nbytes,
+    QRazorKVCache, QRazorKVLayer, qkv_qparams, qrazor_kv_expected_nbytes,
     qrazor_kv_fake_quant,
 )
-from qbench.quant.sdr import base_quantize, sdr_fake_quant, sdr_quantize
+from qbench.quant.sdr import base_integers, base_quantize, sdr_fake_quant, sdr_quantize
 
 
 def tiny_model(seed=0):
@@ -30,8 +30,8 @@ def test_per_token_matches_sdr_and_error_bound():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2, 50, 16, generator=g) * torch.rand(1, 2, 50, 1, generator=g) * 3
     x[0, 0, 3, 2] = 30.0  # outlier: its group razors coarsely, the other group of that token not
-    s = qkv_scale(x, 8, "per_token")
-    fq = qrazor_kv_fake_quant(x, 4, 8, 8, "per_token")
+    s, _ = qkv_qparams(x, 8, "per_token", sym=True)
+    fq = qrazor_kv_fake_quant(x, 4, 8, 8, "per_token", sym=True)
     assert torch.equal(fq, sdr_fake_quant(x, 4, 8, 8, "per_token", scale=s))
     # razoring error per group (integer domain): ≤ half the group's LSB 2^shift, ≤ 2^shift for
     # the values saturated at the largest code (they would round into a new leading bit)
@@ -46,7 +46,22 @@ def test_per_token_matches_sdr_and_error_bound():
     assert bool(((fq - x).abs() <= (err.float() + 0.5) * s * (1 + 1e-5)).all())
     assert float((fq[0, 0, 3, 8:] - x[0, 0, 3, 8:]).abs().max()) < float(s[0, 0, 3]) * 4.5
     # kv_bits == base_bits: plain int8, error ≤ half a step
-    assert bool(((qrazor_kv_fake_quant(x, 8, 8, 8, "per_token") - x).abs() <= s / 2 * (1 + 1e-5)).all())
+    assert bool(((qrazor_kv_fake_quant(x, 8, 8, 8, "per_token", sym=True) - x).abs() <= s / 2 * (1 + 1e-5)).all())
+    # the seed's asymmetric base (the default): offsets from the zero point razored; on one-sided
+    # data (all values >= 0) the zero point is 0 and the scale max/255, about half the absmax one
+    xp = x.abs()
+    sa, za = qkv_qparams(xp, 8, "per_token")
+    ss, _ = qkv_qparams(xp, 8, "per_token", sym=True)
+    assert torch.equal(za, torch.zeros_like(za)) and bool((sa < 0.51 * ss).all())
+    fa = qrazor_kv_fake_quant(xp, 4, 8, 8, "per_token")
+    xa = base_integers(xp, sa, 8, za)
+    ra, sh = sdr_quantize(xa, 4, 8)
+    assert torch.equal(fa, ra.float() * sa)
+    torch.testing.assert_close(fa, sdr_fake_quant(xp, 4, 8, 8, "per_token", sym=False), rtol=2e-3, atol=0)
+    # offsets up to 255 have 8 bits: shifts reach 5, still a 3-bit flag; error ≤ one LSB + base step
+    assert int(sh.max()) == 5
+    lsb_a = (2 ** sh.long()).repeat_interleave(8, -1)
+    assert bool(((fa - xp).abs() <= (lsb_a + 0.5) * sa * (1 + 1e-5)).all())
 
 
 @pytest.mark.parametrize("gran,bits,base,gs", [("per_channel", 4, 8, 8), ("per_token", 4, 8, 16),
@@ -54,12 +69,13 @@ def test_per_token_matches_sdr_and_error_bound():
 def test_cache_equals_fake_quant_streaming(gran, bits, base, gs):
     torch.manual_seed(1)
     k, v = torch.randn(2, 2, 75, 16), torch.randn(2, 2, 75, 16)
-    layer = QRazorKVLayer(bits, gs, base, gran, k_block=32, prefill_with_quant=True)
+    sym = bits == base  # nothing razored: the symmetric base (the asymmetric one needs bits < base)
+    layer = QRazorKVLayer(bits, gs, base, gran, k_block=32, prefill_with_quant=True, sym=sym)
     layer.update(k[:, :, :40], v[:, :, :40])
     for t in range(40, 75):  # decode token by token
         kc, vc = layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
-        kf = qrazor_kv_fake_quant(k[:, :, :t + 1], bits, gs, base, gran, 32)
-        vf = qrazor_kv_fake_quant(v[:, :, :t + 1], bits, gs, base, "per_token")
+        kf = qrazor_kv_fake_quant(k[:, :, :t + 1], bits, gs, base, gran, 32, sym=sym)
+        vf = qrazor_kv_fake_quant(v[:, :, :t + 1], bits, gs, base, "per_token", sym=sym)
         assert torch.equal(kc, kf) and torch.equal(vc, vf)
     if gran == "per_channel":  # 75 = 2·32 + 11 fp keys
         assert torch.equal(kc[:, :, 64:], k[:, :, 64:]) and not torch.equal(kc[:, :, :64], k[:, :, :64])
@@ -78,15 +94,15 @@ def test_bytes_equal_formula_and_ratio():
                 layer.update(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64))
         assert cache_nbytes(cache) == qrazor_kv_expected_nbytes(cfg, t, n_layers=3, n_kv_heads=3,
                                                                 head_dim=64, fp_bytes=4)
-    # SmolLM2 dims (30 layers, 3 KV heads, head_dim 64), KV4 g16, int8 base, 4096 tokens:
-    # per token and layer: codes 2·192·4/8, flags 2·12·3/8, V scales 3·2, K scales 192·2/128
+    # SmolLM2 dims (30 layers, 3 KV heads, head_dim 64), KV4 g8 (the seed), int8 base, 4096 tokens:
+    # per token and layer: codes 2·192·4/8, flags 2·24·3/8, V scales 3·2, K scales 192·2/128
     cfg = cfg_of()
     n = qrazor_kv_expected_nbytes(cfg, 4096, n_layers=30, n_kv_heads=3, head_dim=64)
-    per_tok = 2 * 96 + 2 * 4.5 + 6 + 3
+    per_tok = 2 * 96 + 2 * 9 + 6 + 3
     assert n == 30 * 4096 * per_tok
     ratio = n / fp16_nbytes(4096, n_layers=30, n_kv_heads=3, head_dim=64)
-    assert ratio == pytest.approx((4 + 3 / 16 + (16 / 64 + 16 / 128) / 2) / 16, abs=1e-12)
-    assert ratio == 0.2734375  # 4.375 bits per value: 4 + 3/16 flags + 0.1875 scales
+    assert ratio == pytest.approx((4 + 3 / 8 + (16 / 64 + 16 / 128) / 2) / 16, abs=1e-12)
+    assert ratio == 0.28515625  # 4.5625 bits per value: 4 + 3/8 flags + 0.1875 scales
 
 
 def test_config_errors():
@@ -99,8 +115,12 @@ def test_config_errors():
         get_method("qrazor_kv").check(model, cfg_of(group_size=12), "recipes.x[0].qrazor_kv")
     get_method("qrazor_kv").check(model, cfg_of(group_size=8), "k")
     assert resolve_recipe([{"qrazor_kv": {}}]) == [{"qrazor_kv": {
-        "kv_bits": 4, "group_size": 16, "base_bits": 8, "k_granularity": "per_channel",
-        "k_block": 128, "v_granularity": "per_token", "prefill_with_quant": False}}]
+        "kv_bits": 4, "group_size": 8, "base_bits": 8, "sym": False, "ties": "even",
+        "k_granularity": "per_channel", "k_block": 128, "v_granularity": "per_token",
+        "prefill_with_quant": False}}]
+    with pytest.raises(ConfigError, match=r"qrazor_kv\.kv_bits=8 exceeds.*asym.*2\.\.7"):
+        parse_recipe([{"qrazor_kv": {"kv_bits": 8}}], "r")
+    parse_recipe([{"qrazor_kv": {"kv_bits": 8, "sym": True}}], "r")
 
 
 def test_hook_cache_generation_and_checkpoint(tmp_path):

@@ -36,12 +36,21 @@ def test_hand_worked_int8_groups_4bit():
         [5, -3, 7, 0, 1, -7, 2, 6],
         [10, 4, -6, 2, 8, -2, 0, 6],
     ])
-    r, shifts = sdr_quantize(x, 4, 8)
+    r, shifts = sdr_quantize(x, 4, 8, ties="up")
     assert torch.equal(r, expected)
     assert shifts.tolist() == [[4], [4], [0], [1]]
-    codes, sh = sdr_encode(x, 4, 8)
+    codes, sh = sdr_encode(x, 4, 8, ties="up")
     assert codes.abs().max() <= 7 and torch.equal(sdr_decode(codes, sh, 8), expected)
     assert codes[1].tolist() == [7, 7, -1, 0, 0, -7, 2, 0]
+    # the default, the seed's torch.round: ties to even — -8 (-0.5 steps) → 0; 9 (4.5) → 4 → 8,
+    # 3 (1.5) → 2 → 4, -5 (-2.5) → -2 → -4, 1 (0.5) → 0; non-ties unchanged
+    even = expected.clone()
+    even[1] = torch.tensor([112, 112, 0, 0, 0, -112, 32, 0])
+    even[3] = torch.tensor([8, 4, -4, 0, 8, -2, 0, 6])
+    r2, shifts2 = sdr_quantize(x, 4, 8)
+    assert torch.equal(r2, even) and torch.equal(shifts2, shifts)
+    with pytest.raises(ConfigError, match="ties='odd': allowed values are even, up"):
+        sdr_encode(x, 4, 8, ties="odd")
 
 
 def test_hand_worked_int16_group_and_padding():
@@ -50,9 +59,11 @@ def test_hand_worked_int16_group_and_padding():
     # → -128 (tie rounds up); 63 → 0. Second group (2 values + 2 padding zeros): max 20 →
     # 5 bits → shift 2: 20 → 5 → 20, -6 → -(8>>2) = -2 → -8.
     x = torch.tensor([[1000, 300, -64, 63, 20, -6]])
-    r, shifts = sdr_quantize(x, 4, 4)
+    r, shifts = sdr_quantize(x, 4, 4, ties="up")
     assert r.tolist() == [[896, 256, -128, 0, 20, -8]]
     assert shifts.tolist() == [[7, 2]]
+    # ties to even: -64 (-0.5 steps) → 0, -6 (-1.5 steps) → -2 → -8
+    assert sdr_quantize(x, 4, 4)[0].tolist() == [[896, 256, 0, 0, 20, -8]]
 
 
 def test_flag_bits_and_the_seed_effective_bits():
@@ -104,8 +115,9 @@ def test_sdr_linear_matches_the_reference_and_counts_bits():
     ref_w = sdr_fake_quant(w, 4, 8, 8, "per_token", scale=SDRLinear.weight_scale(w, 8, "per_channel"))
     assert torch.equal(m.dequantized_weight(), ref_w)
     x = torch.randn(3, 5, 64, generator=g)
-    xq = sdr_fake_quant(x, 4, 8, 8, "per_token")
+    xq = sdr_fake_quant(x, 4, 8, 8, "per_token", sym=False)  # the seed's asymmetric per-token base
     assert torch.equal(m(x), F.linear(xq, ref_w, bias))
+    assert not torch.equal(xq, sdr_fake_quant(x, 4, 8, 8, "per_token"))
     # 4-bit codes + 3-bit flag per 8 weights + one fp16 scale per output channel
     assert m.storage_bits() == 24 * 64 * 4 + 24 * 8 * 3 + 24 * 16
     m16 = SDRLinear.from_weight(w, 4, 8, 16)
@@ -163,3 +175,73 @@ def test_config_errors_name_the_key():
     cfg = parse_recipe([{"qrazor": {"w_group_size": 48}}])[0].config
     with pytest.raises(ConfigError, match="w_group_size=48 does not divide"):
         get_method("qrazor").check(tiny_llama(), cfg, "recipe[0].qrazor")
+
+
+def test_defaults_follow_the_seed_run_script():
+    """scripts/run_qrazor.sh: int8 sym per-channel weights, int8 asym per-token activations,
+    groups of 8, ties to even (torch.round); QRazor-KV: int8 asym base, groups of 8."""
+    assert resolve_recipe([{"qrazor": {"a_bits": 4}}]) == [{"qrazor": {
+        "w_bits": 4, "w_group_size": 8, "w_base_bits": 8, "w_granularity": "per_channel",
+        "a_bits": 4, "a_group_size": 8, "a_base_bits": 8, "a_granularity": "per_token",
+        "a_sym": False, "ties": "even", "skip": []}}]
+    kv = resolve_recipe([{"qrazor_kv": {}}])[0]["qrazor_kv"]
+    assert (kv["base_bits"], kv["sym"], kv["group_size"], kv["ties"]) == (8, False, 8, "even")
+    with pytest.raises(ConfigError, match=r"a_bits=8: with the asymmetric base"):
+        parse_recipe([{"qrazor": {"a_bits": 8, "a_base_bits": 8}}])
+    parse_recipe([{"qrazor": {"a_bits": 8, "a_base_bits": 8, "a_sym": True}}])
+    # the paper's 16-bit base: a 4-bit flag (shifts 0..12) for 4-bit activations
+    assert flag_bits(4, 16) == 4 and flag_bits(4, 8, sym=False) == 3 and flag_bits(5, 8, sym=False) == 3
+
+
+def _hessian_and_weight(seed=0, n=64, out=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, n, generator=g) @ (torch.eye(n) + 0.5 * torch.randn(n, n, generator=g) / n ** 0.5)
+    w = torch.randn(out, n, generator=g) * 0.05
+    return w, 2 * x.T @ x / x.shape[0], x
+
+
+def test_gptq_razor_identity_hessian_is_razored_rtn():
+    """With H = I GPTQ's updates vanish: razoring inside GPTQ gives exactly QRazor on the weight."""
+    from qbench.quant.gptq import RazorSpec, gptq_quantize_weight
+    from qbench.quant.uniform import WeightQuantSpec
+
+    w, _, _ = _hessian_and_weight()
+    spec = WeightQuantSpec(8, True, -1)  # the restricted ±127 grid: QRazor's int8 base
+    codes, scales, zeros, g_idx, Q, _ = gptq_quantize_weight(w, torch.eye(64), spec, percdamp=0.0,
+                                                             razor=RazorSpec(4, 8))
+    ref = SDRLinear.from_weight(w, 4, 8, 8).dequantized_weight()
+    torch.testing.assert_close(Q, ref, rtol=0, atol=0)
+
+
+def test_gptq_razor_compensates_the_razoring_error():
+    """Output error ‖(W − Q)X‖: razoring inside GPTQ's loop < GPTQ at 8 bits then razored < RTN +
+    razoring; the QRazor stage on GPTQ's razored integers changes nothing (exact composition)."""
+    from qbench.methods.qrazor import base_integers_of
+    from qbench.modules.qlinear import QuantLinear
+    from qbench.quant.gptq import RazorSpec, gptq_quantize_weight
+    from qbench.quant.uniform import WeightQuantSpec
+
+    w, H, x = _hessian_and_weight(1)
+    spec = WeightQuantSpec(8, True, -1)
+
+    def out_err(q):
+        return float(((w - q) @ x.T).norm())
+
+    # act_order as in the recipes (without it the ordering holds too on these seeds)
+    c, s, z, _, q_in, _ = gptq_quantize_weight(w, H, spec, act_order=True, razor=RazorSpec(4, 8))
+    c8, s8, z8, _, _, _ = gptq_quantize_weight(w, H, spec, act_order=True)
+    after = SDRLinear.from_weight(w, 4, 8, 8, scale=s8[:, :1],
+                                  base_ints=c8.long() - 128).dequantized_weight()
+    rtn = SDRLinear.from_weight(w, 4, 8, 8).dequantized_weight()
+    e_in, e_after, e_rtn = out_err(q_in), out_err(after), out_err(rtn)
+    assert e_in < 0.95 * e_after and e_after < 1.05 * e_rtn, (e_in, e_after, e_rtn)
+    ql = QuantLinear.from_codes(c, s, z, spec)
+    ints, sc = base_integers_of(ql, 8, "per_channel")
+    again = SDRLinear.from_weight(ql.dequantized_weight(), 4, 8, 8, scale=sc, base_ints=ints)
+    assert torch.equal(again.dequantized_weight(), q_in)
+
+
+def test_gptq_razor_config_needs_qrazor_base():
+    with pytest.raises(ConfigError, match=r"razor_bits=4: razoring inside GPTQ needs QRazor's base"):
+        parse_recipe([{"gptq": {"w_bits": 8, "sym": True, "razor_bits": 4}}])  # midpoint grid
+    parse_recipe([{"gptq": {"w_bits": 8, "sym": True, "sym_grid": "restricted", "razor_bits": 4}}])

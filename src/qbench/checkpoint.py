@@ -194,8 +194,8 @@ def load_checkpoint(path: str | Path, *, dtype: str = "float32", device: str = "
         if cls is None:
             raise CheckpointError(f"{path}: module {name} has unknown type {spec['class']!r}")
         meta = dict(spec["meta"])
-        if "a_sym" in meta and "a_sym_grid" not in meta:  # written before issue 16's grids
-            meta["a_sym_grid"] = "midpoint"
+        if hasattr(cls, "upgrade_meta"):  # metas written before a later option existed
+            meta = cls.upgrade_meta(meta)
         try:
             set_module(model, name, cls(**meta, dtype=DTYPES[manifest.get("dtype", "float32")]))
         except (TypeError, ValueError, AttributeError) as e:  # checksummed, so only a qbench mismatch

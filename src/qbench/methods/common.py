@@ -171,6 +171,7 @@ def gptq_model(model: nn.Module, cfg: GPTQArgs, ctx: QuantContext, *, desc: str,
     calib = ctx.calib_tokens(cfg.calib_set(), desc)
     default_spec = cfg.spec()
     spec_for = spec_for or (lambda _name: default_spec)
+    razor = cfg.razor_spec() if hasattr(cfg, "razor_spec") else None
     targets = target_linears(model, cfg.skip)
     prefix = module_name(model, get_decoder_layers(model))
     per_layer: dict[str, dict] = {}
@@ -190,7 +191,7 @@ def gptq_model(model: nn.Module, cfg: GPTQArgs, ctx: QuantContext, *, desc: str,
                 spec = spec_for(full)
                 codes, scales, zeros, g_idx, _, st = gptq_quantize_weight(
                     lin.weight.data, H, spec, cfg.blocksize, cfg.percdamp, cfg.act_order,
-                    cfg.static_groups, mse=cfg.mse)
+                    cfg.static_groups, mse=cfg.mse, razor=razor)
                 del H
                 per_layer[full] = st
                 if st["dead_columns"] or st["cholesky_retries"] or st["damp"] != cfg.percdamp:

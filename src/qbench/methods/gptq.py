@@ -33,13 +33,16 @@ block through :func:`qbench.calib.blockwise.run_blockwise`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..calib.hessian import HessianCollector, sequential_groups  # noqa: F401 - re-exported
-from ..quant.gptq import damped_inverse_cholesky, gptq_quantize_weight, group_qparams  # noqa: F401
-from .base import Method, QuantContext, register
+from ..modules import target_linears
+from ..quant.gptq import RazorSpec, damped_inverse_cholesky, gptq_quantize_weight, group_qparams  # noqa: F401
+from ..quant.sdr import TIES
+from .base import ConfigError, Method, QuantContext, opt, register
 from .common import GPTQArgs, check_group_size, finalize_act_only, gptq_model, weight_act_descriptor
 
 __all__ = ["gptq_quantize_weight", "group_qparams", "damped_inverse_cholesky", "HessianCollector",
@@ -54,13 +57,44 @@ class GPTQ(Method):
 
     @dataclass
     class Config(GPTQArgs):
-        """GPTQ's arguments (:class:`qbench.methods.common.GPTQArgs`, shared with mixed precision)."""
+        """GPTQ's arguments (:class:`qbench.methods.common.GPTQArgs`, shared with mixed precision)
+        and QRazor razoring inside the column loop (``razor_bits`` < 16, issue 16)."""
+
+        razor_bits: int = opt(16, "razor the base integers to sign + (razor_bits-1) bits inside the "
+                              "column loop, so GPTQ compensates the razoring error (QRazor after "
+                              "GPTQ; 16 = off)", choices=(2, 3, 4, 5, 6, 7, 16))
+        razor_group_size: int = opt(8, "input columns per razoring group (one shift each)",
+                                    range=(1, 1 << 16))
+        razor_ties: str = opt("even", "razoring ties: half to even (the seed) or half up",
+                              choices=TIES)
+
+        def validate(self, key: str) -> None:
+            super().validate(key)
+            if self.razor_bits < 16 and not (self.sym and self.group_size == -1 and self.w_bits == 8
+                                             and self.sym_grid == "restricted"):
+                raise ConfigError(f"{key}.razor_bits={self.razor_bits}: razoring inside GPTQ needs "
+                                  "QRazor's base: w_bits: 8, sym: true, sym_grid: restricted, "
+                                  "group_size: -1")
+
+        def razor_spec(self) -> RazorSpec | None:
+            if self.razor_bits >= 16:
+                return None
+            return RazorSpec(self.razor_bits, self.razor_group_size, self.razor_ties)
 
     def check(self, model, cfg, key):
         check_group_size(model, cfg, key)
+        if cfg.razor_bits < 16:
+            for name, lin in target_linears(model, cfg.skip).items():
+                if lin.in_features % cfg.razor_group_size:
+                    raise ConfigError(f"{key}.razor_group_size={cfg.razor_group_size} does not divide "
+                                      f"layer {name} (in_features={lin.in_features})")
 
     def describe(self, cfg: Config):
-        return weight_act_descriptor(cfg)
+        d = weight_act_descriptor(cfg)
+        if cfg.razor_bits < 16:
+            d = dataclasses.replace(d, grid=f"{d.grid}, razored to {cfg.razor_bits} bits "
+                                           f"g{cfg.razor_group_size} inside GPTQ")
+        return d
 
     def apply(self, model: nn.Module, cfg: Config, ctx: QuantContext) -> dict:
         if cfg.w_bits >= 16:

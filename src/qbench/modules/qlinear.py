@@ -53,6 +53,11 @@ class ActQuantMixin:
         return {"a_bits": self.a_bits, "a_granularity": self.a_granularity, "a_sym": self.a_sym,
                 "a_sym_grid": self.a_sym_grid}
 
+    @staticmethod
+    def upgrade_meta(meta: dict) -> dict:
+        """A checkpoint meta written before issue 16's grids: symmetric activations were midpoint."""
+        return {**meta, "a_sym_grid": "midpoint"} if "a_sym_grid" not in meta else meta
+
 
 class DequantCache:
     """Shared execution of packed weight layouts: dequantize once into a cached dense weight in the

@@ -45,14 +45,14 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..quant.kv import pack_codes, packed_nbytes, unpack_codes
-from ..quant.sdr import base_quantize, flag_bits, sdr_decode, sdr_encode
+from ..quant.sdr import base_integers, flag_bits, sdr_decode, sdr_encode
 from .kv_base import QuantLayer as _QuantLayer
 from .kv_base import mark_served as _mark_served, n_cache_layers as _n_layers
 from .kv_binding import kv_dims_of_config
 from ..errors import ConfigError
 
 __all__ = [
-    "QRazorKVLayer", "QRazorKVCache", "qkv_scale", "qkv_encode", "qkv_decode", "qrazor_kv_fake_quant",
+    "QRazorKVLayer", "QRazorKVCache", "qkv_qparams", "qkv_encode", "qkv_decode", "qrazor_kv_fake_quant",
     "qrazor_kv_expected_nbytes", "flag_chunk_tokens",
 ]
 
@@ -60,20 +60,32 @@ K_GRANULARITIES = ("per_channel", "per_token")
 
 
 # ----------------------------------------------------------------------------- quantizer
-def qkv_scale(x: torch.Tensor, base_bits: int, granularity: str) -> torch.Tensor:
-    """fp16-representable absmax scale (float32) of ``x [B, H, T, D]``: ``[B, H, T, 1]``
-    (per_token) or ``[B, H, 1, D]`` (per_channel: over the tokens of ``x``). Zero → 1."""
-    a = x.float().abs()
-    amax = a.amax(-1, keepdim=True) if granularity == "per_token" else a.amax(-2, keepdim=True)
-    scale = (amax / (2 ** (base_bits - 1) - 1)).to(torch.float16).float()
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+def qkv_qparams(x: torch.Tensor, base_bits: int, granularity: str, sym: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Base ``(scale, zero)`` of ``x [B, H, T, D]``, shaped ``[B, H, T, 1]`` (per_token) or
+    ``[B, H, 1, D]`` (per_channel: over the tokens of ``x``); fp16-representable scale (zero → 1).
+    ``sym``: absmax, ``zero`` None; else min/max (range holding 0) with an integer zero point —
+    the seed's ``sym_k = sym_v = false``. Decoding needs only the scale (the razored integers are
+    offsets from the zero point, :func:`qbench.quant.sdr.base_integers`)."""
+    xf = x.float()
+    dim = -1 if granularity == "per_token" else -2
+    if sym:
+        scale = (xf.abs().amax(dim, keepdim=True) / (2 ** (base_bits - 1) - 1)).to(torch.float16).float()
+        return torch.where(scale > 0, scale, torch.ones_like(scale)), None
+    mn = xf.amin(dim, keepdim=True).clamp(max=0)
+    mx = xf.amax(dim, keepdim=True).clamp(min=0)
+    scale = ((mx - mn) / (2 ** base_bits - 1)).to(torch.float16).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.clamp(torch.round(-mn / scale), 0, 2 ** base_bits - 1)
 
 
-def qkv_encode(x: torch.Tensor, scale: torch.Tensor, bits: int, base_bits: int, group_size: int):
-    """``(codes int8 [..., D], shifts uint8 [..., D/G] or None)``: base integers, then razored."""
-    xi = base_quantize(x, scale, base_bits)
+def qkv_encode(x: torch.Tensor, scale: torch.Tensor, bits: int, base_bits: int, group_size: int,
+               zero: torch.Tensor | None = None, ties: str = "even"):
+    """``(codes int8 [..., D], shifts uint8 [..., D/G] or None)``: base integers (offsets from
+    ``zero`` when asymmetric), then razored."""
+    xi = base_integers(x, scale, base_bits, zero)
     if bits < base_bits:
-        return sdr_encode(xi, bits, group_size)
+        return sdr_encode(xi, bits, group_size, ties)
     return xi.to(torch.int8), None
 
 
@@ -84,22 +96,23 @@ def qkv_decode(codes: torch.Tensor, shifts: torch.Tensor | None, scale: torch.Te
 
 
 def qrazor_kv_fake_quant(x: torch.Tensor, bits: int, group_size: int, base_bits: int = 8,
-                         granularity: str = "per_token", k_block: int = 128) -> torch.Tensor:
+                         granularity: str = "per_token", k_block: int = 128, sym: bool = False,
+                         ties: str = "even") -> torch.Tensor:
     """What a :class:`QRazorKVLayer` holding ``x [B, H, T, D]`` returns for it: per_token →
     every token razored; per_channel → blocks of ``k_block`` tokens (aligned at 0) razored with
     the block's per-channel scale, the last ``T mod k_block`` tokens unchanged."""
     if bits >= 16:
         return x
     if granularity == "per_token":
-        s = qkv_scale(x, base_bits, "per_token")
-        return qkv_decode(*qkv_encode(x, s, bits, base_bits, group_size), s, group_size, x.dtype)
+        s, z = qkv_qparams(x, base_bits, "per_token", sym)
+        return qkv_decode(*qkv_encode(x, s, bits, base_bits, group_size, z, ties), s, group_size, x.dtype)
     b, h, t, d = x.shape
     n = (t // k_block) * k_block
     if not n:
         return x
     xb = x[:, :, :n].reshape(b, h, n // k_block, k_block, d)
-    s = qkv_scale(xb, base_bits, "per_channel")
-    q = qkv_decode(*qkv_encode(xb, s, bits, base_bits, group_size), s, group_size, x.dtype)
+    s, z = qkv_qparams(xb, base_bits, "per_channel", sym)
+    q = qkv_decode(*qkv_encode(xb, s, bits, base_bits, group_size, z, ties), s, group_size, x.dtype)
     return torch.cat([q.reshape(b, h, n, d), x[:, :, n:]], 2)
 
 
@@ -115,12 +128,13 @@ class QRazorKVLayer(_QuantLayer):
     _tensors = {"keys": 0, "k_codes": 0, "k_flags": 0, "k_flags_tail": 0, "k_scale": 0,
                 "v_codes": 0, "v_flags": 0, "v_flags_tail": 0, "v_scale": 0}
 
-    def __init__(self, kv_bits: int = 4, group_size: int = 16, base_bits: int = 8,
+    def __init__(self, kv_bits: int = 4, group_size: int = 8, base_bits: int = 8,
                  k_granularity: str = "per_channel", k_block: int = 128,
-                 prefill_with_quant: bool = False):
+                 prefill_with_quant: bool = False, sym: bool = False, ties: str = "even"):
         super().__init__()
-        if not 2 <= kv_bits <= 8 or kv_bits > base_bits:
-            raise ConfigError(f"kv_bits={kv_bits}: allowed 2..min(8, base_bits={base_bits})")
+        if not 2 <= kv_bits <= 8 or kv_bits > base_bits or (not sym and kv_bits >= base_bits):
+            raise ConfigError(f"kv_bits={kv_bits}: allowed 2..min(8, base_bits={base_bits})"
+                              + ("" if sym else " - 1 with the asymmetric base"))
         if base_bits not in (8, 16):
             raise ConfigError(f"base_bits={base_bits}: allowed values are 8, 16")
         if k_granularity not in K_GRANULARITIES:
@@ -130,7 +144,8 @@ class QRazorKVLayer(_QuantLayer):
         self.bits, self.group_size, self.base_bits = kv_bits, group_size, base_bits
         self.k_granularity, self.k_block = k_granularity, k_block
         self.prefill_with_quant = prefill_with_quant
-        self.fb = flag_bits(kv_bits, base_bits) if kv_bits < base_bits else 0
+        self.sym, self.ties = sym, ties
+        self.fb = flag_bits(kv_bits, base_bits, sym) if kv_bits < base_bits else 0
         self.n_kq = 0
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -157,10 +172,10 @@ class QRazorKVLayer(_QuantLayer):
         self.is_initialized = True
 
     # -- storing
-    def _store(self, p: str, x: torch.Tensor, scale: torch.Tensor) -> None:
-        """Encode ``x [B, H, t, D]`` with ``scale`` and append codes/flags of tensor ``p``."""
+    def _store(self, p: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+        """Encode ``x [B, H, t, D]`` with ``scale``/``zero`` and append codes/flags of tensor ``p``."""
         b, h, t, d = x.shape
-        codes, shifts = qkv_encode(x, scale, self.bits, self.base_bits, self.group_size)
+        codes, shifts = qkv_encode(x, scale, self.bits, self.base_bits, self.group_size, zero, self.ties)
         rows = codes.permute(0, 2, 1, 3).reshape(b, t, self.c).to(torch.int64) + 2 ** (self.bits - 1)
         setattr(self, f"{p}_codes", torch.cat([getattr(self, f"{p}_codes"), pack_codes(rows, self.bits)], 1))
         if self.fb:
@@ -207,12 +222,12 @@ class QRazorKVLayer(_QuantLayer):
             self.lazy_initialization(key_states, value_states)
         t_new = key_states.shape[-2]
         self.cumulative_length += t_new
-        vs = qkv_scale(value_states, self.base_bits, "per_token")
-        self._store("v", value_states, vs)
+        vs, vz = qkv_qparams(value_states, self.base_bits, "per_token", self.sym)
+        self._store("v", value_states, vs, vz)
         self.v_scale = torch.cat([self.v_scale, vs.squeeze(-1).half()], 2)
         if self.k_granularity == "per_token":
-            ks = qkv_scale(key_states, self.base_bits, "per_token")
-            self._store("k", key_states, ks)
+            ks, kz = qkv_qparams(key_states, self.base_bits, "per_token", self.sym)
+            self._store("k", key_states, ks, kz)
             self.k_scale = torch.cat([self.k_scale, ks.squeeze(-1).half()], 2)
             self.n_kq += t_new
         else:
@@ -222,8 +237,12 @@ class QRazorKVLayer(_QuantLayer):
             if n:
                 b, h, _, d = self.keys.shape
                 blocks = self.keys[:, :, :n].reshape(b, h, n // kb, kb, d)
-                ks = qkv_scale(blocks, self.base_bits, "per_channel")  # [B, H, nb, 1, D]
-                self._store("k", self.keys[:, :, :n], ks.repeat_interleave(kb, 3).reshape(b, h, n, d))
+                ks, kz = qkv_qparams(blocks, self.base_bits, "per_channel", self.sym)  # [B, H, nb, 1, D]
+
+                def per_token(t):  # a block's per-channel parameters, repeated over its tokens
+                    return None if t is None else t.repeat_interleave(kb, 3).reshape(b, h, n, d)
+
+                self._store("k", self.keys[:, :, :n], per_token(ks), per_token(kz))
                 self.k_scale = torch.cat([self.k_scale, ks.squeeze(3).half()], 2)
                 self.n_kq += n
                 self.keys = self.keys[:, :, n:].clone()
@@ -238,19 +257,17 @@ class QRazorKVLayer(_QuantLayer):
 class QRazorKVCache(Cache):
     """QRazor cache: SDR-razored K/V codes + shift flags + fp16 absmax base scales."""
 
-    def __init__(self, config=None, *, kv_bits: int = 4, group_size: int = 16, base_bits: int = 8,
+    def __init__(self, config=None, *, kv_bits: int = 4, group_size: int = 8, base_bits: int = 8,
                  k_granularity: str = "per_channel", k_block: int = 128,
-                 prefill_with_quant: bool = False, num_layers: int | None = None):
+                 prefill_with_quant: bool = False, num_layers: int | None = None, sym: bool = False,
+                 ties: str = "even"):
         n = num_layers if num_layers is not None else _n_layers(config)
         self.settings = {"kv_bits": kv_bits, "group_size": group_size, "base_bits": base_bits,
                          "k_granularity": k_granularity, "k_block": k_block,
-                         "prefill_with_quant": prefill_with_quant}
+                         "prefill_with_quant": prefill_with_quant, "sym": sym, "ties": ties}
         super().__init__(layers=[QRazorKVLayer(**self.settings) for _ in range(n)])
 
 
-def _settings(cfg) -> dict:
-    return {"kv_bits": cfg.kv_bits, "group_size": cfg.group_size, "base_bits": cfg.base_bits,
-            "k_granularity": cfg.k_granularity, "k_block": cfg.k_block}
 
 
 # ----------------------------------------------------------------------------- bytes
@@ -265,7 +282,7 @@ def qrazor_kv_expected_nbytes(cfg, n_tokens: int, model_config=None, fp_bytes: i
     h, d, t = n_kv_heads, head_dim, n_tokens
     c = h * d
     ng = c // cfg.group_size
-    fb = flag_bits(cfg.kv_bits, cfg.base_bits) if cfg.kv_bits < cfg.base_bits else 0
+    fb = flag_bits(cfg.kv_bits, cfg.base_bits, cfg.sym) if cfg.kv_bits < cfg.base_bits else 0
     tc = flag_chunk_tokens(ng)
 
     def codes_flags(n):

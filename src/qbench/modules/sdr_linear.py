@@ -35,19 +35,30 @@ class SDRActMixin:
     a_group_size: int = 8
     a_base_bits: int = 8
     a_granularity: str = "per_token"
+    a_sym: bool = False  # the seed's asymmetric activation base (sym_a=false)
+    a_ties: str = "even"
 
-    def set_act_quant(self, a_bits=16, a_group_size=8, a_base_bits=8, a_granularity="per_token"):
+    def set_act_quant(self, a_bits=16, a_group_size=8, a_base_bits=8, a_granularity="per_token",
+                      a_sym=False, a_ties="even"):
         self.a_bits, self.a_group_size = int(a_bits), int(a_group_size)
         self.a_base_bits, self.a_granularity = int(a_base_bits), a_granularity
+        self.a_sym, self.a_ties = bool(a_sym), a_ties
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits >= 16:
             return x
-        return sdr_fake_quant(x, self.a_bits, self.a_group_size, self.a_base_bits, self.a_granularity)
+        return sdr_fake_quant(x, self.a_bits, self.a_group_size, self.a_base_bits, self.a_granularity,
+                              sym=self.a_sym, ties=self.a_ties)
 
     def act_meta(self) -> dict:
         return {"a_bits": self.a_bits, "a_group_size": self.a_group_size,
-                "a_base_bits": self.a_base_bits, "a_granularity": self.a_granularity}
+                "a_base_bits": self.a_base_bits, "a_granularity": self.a_granularity,
+                "a_sym": self.a_sym, "a_ties": self.a_ties}
+
+    @staticmethod
+    def upgrade_meta(meta: dict) -> dict:
+        """Metas written before issue 16: symmetric activation base, ties rounded half up."""
+        return {"a_sym": True, "a_ties": "up", **meta}
 
 
 @register_module_type
@@ -58,7 +69,8 @@ class SDRLinear(DequantCache, nn.Module, SDRActMixin):
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 8,
                  base_bits: int = 8, w_granularity: str = "per_channel", bias: bool = False,
                  a_bits: int = 16, a_group_size: int = 8, a_base_bits: int = 8,
-                 a_granularity: str = "per_token", dtype: torch.dtype = torch.float32):
+                 a_granularity: str = "per_token", dtype: torch.dtype = torch.float32,
+                 a_sym: bool = False, a_ties: str = "even"):
         super().__init__()
         if in_features % group_size:
             raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
@@ -79,7 +91,7 @@ class SDRLinear(DequantCache, nn.Module, SDRActMixin):
         n_scales = out_features if w_granularity == "per_channel" else 1
         self.register_buffer("scales", torch.zeros(n_scales, dtype=torch.float16))
         self._init_compute(out_features, bias, dtype)
-        self.set_act_quant(a_bits, a_group_size, a_base_bits, a_granularity)
+        self.set_act_quant(a_bits, a_group_size, a_base_bits, a_granularity, a_sym, a_ties)
 
     # ----------------------------------------------------------------- construction
     @staticmethod
@@ -91,15 +103,22 @@ class SDRLinear(DequantCache, nn.Module, SDRActMixin):
     @classmethod
     def from_weight(cls, w: torch.Tensor, bits: int, group_size: int, base_bits: int = 8,
                     w_granularity: str = "per_channel", bias: torch.Tensor | None = None,
-                    dtype: torch.dtype = torch.float32, **act) -> "SDRLinear":
+                    dtype: torch.dtype = torch.float32, ties: str = "even",
+                    scale: torch.Tensor | None = None, base_ints: torch.Tensor | None = None,
+                    **act) -> "SDRLinear":
+        """Razor a weight (symmetric absmax base, the seed's ``sym_w=true``). ``scale`` /
+        ``base_ints``: the base scale ``[out or 1, 1]`` and base integers ``[out, in]`` when they
+        were chosen elsewhere (GPTQ with razoring inside its column loop)."""
         out_f, in_f = w.shape
         m = cls(in_f, out_f, bits, group_size, base_bits, w_granularity, bias is not None,
                 dtype=dtype, **act)
         w = w.detach().float().cpu()
-        scale = cls.weight_scale(w, base_bits, w_granularity)
-        xi = base_quantize(w, scale, base_bits)
+        if scale is None:
+            scale = cls.weight_scale(w, base_bits, w_granularity)
+        scale = scale.float().cpu()
+        xi = base_quantize(w, scale, base_bits) if base_ints is None else base_ints.cpu().to(torch.int64)
         if m.flag_bits:
-            codes, shifts = sdr_encode(xi, bits, group_size)
+            codes, shifts = sdr_encode(xi, bits, group_size, ties)
             m.qflags.copy_(pack(shifts, m.flag_bits))
         else:  # razoring drops nothing: the codes are the base integers
             codes = xi
@@ -152,9 +171,10 @@ class SDRActLinear(nn.Linear, SDRActMixin):
     """Dense 16-bit weight; the input activations are razored (QRazor with ``w_bits: 16``)."""
 
     def __init__(self, in_features, out_features, bias=False, a_bits=16, a_group_size=8,
-                 a_base_bits=8, a_granularity="per_token", dtype=torch.float32):
+                 a_base_bits=8, a_granularity="per_token", dtype=torch.float32, a_sym=False,
+                 a_ties="even"):
         super().__init__(in_features, out_features, bias=bias, dtype=dtype)
-        self.set_act_quant(a_bits, a_group_size, a_base_bits, a_granularity)
+        self.set_act_quant(a_bits, a_group_size, a_base_bits, a_granularity, a_sym, a_ties)
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None = None,

@@ -4,11 +4,14 @@ The model plumbing is :func:`qbench.methods.common.gptq_model`; the method :mod:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from .sdr import razor_codes, razor_shift
 from .uniform import WeightQuantSpec, compute_qparams, dequantize_weight
 
-__all__ = ["group_qparams", "damped_inverse_cholesky", "gptq_quantize_weight", "FP16_TINY"]
+__all__ = ["group_qparams", "damped_inverse_cholesky", "gptq_quantize_weight", "FP16_TINY", "RazorSpec"]
 
 
 FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): floor for scales
@@ -50,7 +53,8 @@ def group_qparams(w: torch.Tensor, spec: WeightQuantSpec, mse: bool = False, gri
     for i in range(int(maxshrink * grid)):
         p = 1 - i / grid
         s1, z1 = _params_from_range(p * xmin, p * xmax, spec)
-        q = (torch.clamp(torch.round(w / s1[:, None]) + z1[:, None], 0, maxq) - z1[:, None]) * s1[:, None]
+        qmin = 1 if spec.sym and spec.sym_grid == "restricted" else 0
+        q = (torch.clamp(torch.round(w / s1[:, None]) + z1[:, None], qmin, maxq) - z1[:, None]) * s1[:, None]
         err = (q - w).abs_().pow_(norm)
         err = err.sum(1) if spec.group_size != 0 else err.sum().expand(rows)
         better = err < best
@@ -83,10 +87,22 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_rel_damp: floa
         retries += 1
 
 
+@dataclass(frozen=True)
+class RazorSpec:
+    """QRazor's razoring inside GPTQ's column loop (issue 16): the base integers GPTQ chooses are
+    razored to ``bits`` (sign + ``bits-1`` magnitude bits) per group of ``group_size`` input
+    columns before the error feedback, so GPTQ compensates the razoring error."""
+
+    bits: int = 4
+    group_size: int = 8
+    ties: str = "even"
+
+
 @torch.no_grad()
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec,
                          blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
-                         static_groups: bool = False, *, mse: bool = False):
+                         static_groups: bool = False, *, mse: bool = False,
+                         razor: RazorSpec | None = None):
     """Quantize ``W [out, in]`` given the Hessian ``H [in, in]`` of its inputs.
 
     Returns ``(codes uint8 [out,in], scales [out,G] (fp16 values, float32), zeros [out,G],
@@ -94,6 +110,12 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec
     ``dequantize_weight(codes, scales, zeros, g_idx)`` exactly (codes in the original column
     order; ``g_idx`` only for act-order with dynamic groups) and ``stats`` has ``damp``,
     ``dead_columns``, ``cholesky_retries`` and ``loss`` (the reference's ``Σ (w−q)²/[H⁻¹]_qq / 2``).
+
+    ``razor`` (QRazor inside GPTQ; symmetric per-channel ``spec`` only): each column's base
+    integer ``code - zero`` is razored with its razoring group's shift before the error feedback.
+    A group's shift is fixed when GPTQ reaches the group's first column (in processing order),
+    from the current — already error-updated, including the pending lazy-block updates — values of
+    all its columns, as GPTQ fixes a quantization group's scale at the group's first column.
     """
     W = W.detach().float().clone()
     H = H.detach().to(W.device, torch.float32).clone()
@@ -104,6 +126,18 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec
     if grouped and in_f % gs:
         raise ValueError(f"group_size={gs} does not divide in_features={in_f}")
     n_groups = in_f // gs if grouped else 1
+    # the restricted symmetric grid never uses code 0 (-2^(b-1)): GPTQ's updated weights can
+    # exceed the range the scale was chosen for, and are clamped to ±(2^(b-1)-1)
+    qmin = 1 if spec.sym and spec.sym_grid == "restricted" else 0
+
+    if razor is not None:
+        if not spec.sym or spec.group_size != -1:
+            raise ValueError("razoring inside GPTQ needs a symmetric per-channel base (sym: true, "
+                             "group_size: -1)")
+        if in_f % razor.group_size:
+            raise ValueError(f"razor group_size={razor.group_size} does not divide in_features={in_f}")
+        if not 2 <= razor.bits < spec.bits:
+            raise ValueError(f"razor bits={razor.bits}: allowed 2..{spec.bits - 1}")
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -133,6 +167,11 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec
     if grouped and static_groups and perm is not None:
         col_group = (perm.cpu() // gs).tolist()
     s = z = None
+    if razor is not None:
+        rg = razor.group_size
+        orig = perm.tolist() if perm is not None else list(range(in_f))
+        pos = torch.argsort(perm).tolist() if perm is not None else list(range(in_f))
+        r_shift = torch.full((out_f, in_f // rg), -1, dtype=torch.int64, device=W.device)
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
         count = i2 - i1
@@ -151,7 +190,17 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec
             if s is None or grouped:
                 g = col_group[col] if grouped else 0
                 s, z = scales[:, g], zeros[:, g]
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            q = torch.clamp(torch.round(w / s) + z, qmin, maxq)
+            if razor is not None:
+                r = orig[col] // rg
+                if int(r_shift[0, r]) < 0:  # the group's first column: fix its shift
+                    ps = [pos[c] for c in range(r * rg, (r + 1) * rg)]
+                    cur = torch.stack([W1[:, p - i1] if p < i2 else
+                                       W[:, p] - Err1[:, :i].matmul(Hinv[i1:i1 + i, p]) for p in ps], 1)
+                    ints = torch.clamp(torch.round(cur / s[:, None]) + z[:, None], qmin, maxq) - z[:, None]
+                    r_shift[:, r] = razor_shift(ints.abs().amax(1), razor.bits)
+                sh = r_shift[:, r]
+                q = (razor_codes(q - z, sh, razor.bits, razor.ties) << sh).to(q.dtype) + z
             codes[:, col] = q.to(torch.uint8)
             qd = (q - z) * s
             losses += (w - qd) ** 2 / d ** 2 / 2
