@@ -129,7 +129,7 @@ def _random_codebooks(n_layers, c, bits, seed=0):
     g = torch.Generator().manual_seed(seed)
     cb = KVCodebooks(n_layers, c, bits)
     k = 2**bits
-    cb.k_levels.copy_(torch.sort(torch.randn(n_layers, c, k, generator=g) * 1.5, -1).values.half())
+    cb.k_levels.copy_(torch.sort(torch.rand(n_layers, k, generator=g) * 2 - 1, -1).values.half())
     cb.k_lo.fill_(-2.0)
     cb.k_hi.fill_(2.0)
     cb.v_levels.copy_(torch.linspace(-1, 1, k).expand(n_layers, k).half())

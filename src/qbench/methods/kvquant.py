@@ -1,33 +1,38 @@
-"""KVQuant: non-uniform, pre-RoPE, dense-and-sparse KV-cache quantization (Hooper et al., 2024).
+"""KVQuant: non-uniform, pre-RoPE, dense-and-sparse KV-cache quantization (Hooper et al., 2024),
+following the reference code (SqueezeAILab/KVQuant ``quant/``: ``llama_simquant.py`` with
+``--nuq --include_sparse --first_few_fp16``, the seed's settings ``sparsity_threshold 0.99``,
+``first_few_fp16 1``; issue 16).
 
 What is learned (offline, from calibration text) and stored in the checkpoint as fp16 buffers of
 ``model.qbench_kvquant`` (:class:`qbench.modules.kv_cache.KVCodebooks`):
 
-* per layer and per channel, a codebook of ``2^bits`` levels for the **pre-RoPE** keys and the
-  channel's outlier thresholds (``lo``, ``hi``: the ``outlier_fraction`` most extreme calibration
-  values of the channel, half on each side, lie outside);
-* per layer, a codebook of ``2^bits`` levels for the values in the per-token normalized domain
-  ``[-1, 1]`` (a token's inliers are mapped there with its own center and half-range).
+* per layer and channel, the **pre-RoPE** keys' outlier thresholds (``lo``, ``hi``: the
+  ``outlier_fraction/2`` and ``1 - outlier_fraction/2`` quantiles of the channel's calibration
+  values), which also normalize the channel to ``[-1, 1]``;
+* per layer, **one** codebook of ``2^bits`` levels for the per-channel-normalized keys;
+* per layer, one codebook of ``2^bits`` levels for the values in the per-token normalized
+  domain ``[-1, 1]`` (calibrated on values normalized by their per-token quantile thresholds).
 
-Codebooks are sensitivity-weighted 1-D k-means (Lloyd) fits, started from the uniform grid (so the
-learned NUQ grid is never worse than uniform on the calibration objective). Sensitivity weights
-(``sensitivity``):
+Codebooks are sensitivity-weighted 1-D k-means (Lloyd) fits on the inliers, started from the
+uniform grid on ``[-1, 1]`` (so the learned NUQ grid is never worse than uniform on the
+calibration objective; the reference runs scikit-learn's k-means++ with 50 iterations — a
+deviation in the optimizer, not in the objective). Sensitivity weights (``sensitivity``):
 
 * ``fisher`` (default, KVQuant's choice): the diagonal Fisher information of each K/V activation,
   i.e. the squared gradient of the next-token loss w.r.t. that activation, from one backward pass
   per calibration sequence (weights frozen; gradients of K are rotated back to the pre-RoPE frame,
   where the keys are quantized). It weights an activation by how much its error moves the loss.
-* ``sq_act``: squared activations — a cheap proxy (no backward) favouring large-magnitude entries;
+* ``sq_act``: squared activations — a cheap proxy (no backward);
 * ``uniform``: plain k-means.
 
-Measured on SmolLM2-135M (fp32, wiki test, 6 windows of 512, 8×512 calibration tokens), 2-bit
-perplexity: fp 21.82; ``fisher`` 26.07, ``uniform`` 26.31, ``sq_act`` 38.27 — squaring the
-activations pulls the levels towards the tails and starves the bulk, so it is kept only as an
-ablation; 4/3-bit with Fisher weights: 22.08 / 22.94.
+Before issue 16 qbench fitted one codebook per channel on raw key values and picked value outliers
+by magnitude; the figures measured then are not comparable with this implementation.
 
-At run time (see :mod:`qbench.quant.kv`): K values outside their channel's thresholds and the
-``max(1, round(outlier_fraction*C))`` largest-|v| values of each V token are kept in fp16 (values
-+ int16 indices); the first ``first_fp16`` tokens (the attention sink) are kept exactly.
+At run time (see :mod:`qbench.quant.kv`): K values outside their channel's thresholds, and the
+values of each V token at or beyond its per-token ``outlier_fraction/2`` quantiles (the ``m``
+lowest and ``m`` highest, :func:`qbench.quant.kv.n_value_outliers`; V's inlier range is
+recentred with the token's median, as the reference does) are kept in fp16 (values + int16
+indices); the first ``first_fp16`` tokens (the attention sink) are kept exactly.
 
 Pre-RoPE keys: the attention side only sees post-RoPE keys (transformers v5 ``Cache.update``
 receives no cos/sin), so keys are rotated back with the model's rotary embedding at their positions,
@@ -201,7 +206,9 @@ class KVQuant(KVMethod):
             raise ConfigError(f"{key}: kv_heads*head_dim={h * d} exceeds the int16 outlier indices")
 
     def describe(self, cfg: Config) -> Descriptor:
-        return Descriptor(family="KV cache", kv_bits=cfg.bits, grid="codebook (non-uniform), sparse outliers",
+        return Descriptor(family="KV cache", kv_bits=cfg.bits,
+                          grid="NUQ codebook per layer (K per-channel normalized, pre-RoPE; V per token), "
+                               "sparse quantile outliers",
                           storage="KVQuantCache")
 
     def attach(self, model: nn.Module, cfg: Config) -> None:

@@ -26,11 +26,13 @@ KIVI (:class:`KIVILayer`), after ``T`` tokens with ``(Tk, Tv) = kivi_quant_lengt
 KVQuant (:class:`KVQuantLayer`), ``F = min(first_fp16, T)``, ``Tq = T - F``:
 
 * ``keys``/``values`` ``[B, H, F, D]`` the attention-sink tokens, exact (compute dtype, post-RoPE);
-* ``k_codes`` int32 ``[B, Tq, ceil(C/32)*bits]`` pre-RoPE K codes (per-channel codebooks);
+* ``k_codes`` int32 ``[B, Tq, ceil(C/32)*bits]`` pre-RoPE K codes (per-channel normalized, one
+  codebook per layer);
 * ``k_count`` int16 ``[Tq, B]``, ``k_idx`` int16 ``[nnz]``, ``k_val`` fp16 ``[nnz]``: K outliers as CSR
   over rows ordered (token, batch);
 * ``v_codes`` int32 ``[B, Tq, ceil(C/32)*bits]``; ``v_center``, ``v_scale`` fp16 ``[B, Tq]``;
-* ``v_idx`` int16 ``[B, Tq, k]``, ``v_val`` fp16 ``[B, Tq, k]``: the ``k`` largest-|v| per token.
+* ``v_idx`` int16 ``[B, Tq, k]``, ``v_val`` fp16 ``[B, Tq, k]``: the ``k/2`` lowest and ``k/2``
+  highest values per token.
 * The codebooks and thresholds are model buffers (:class:`KVCodebooks`, saved in the checkpoint);
   they are not part of the per-sequence cache and are not counted by :func:`cache_nbytes`.
 
@@ -252,7 +254,8 @@ class KVQuantLayer(_QuantLayer):
         c = h * d
         p = self.params
         codes = unpack_codes(self.k_codes, self.bits, c).transpose(0, 1).reshape(t * b, c)
-        pre = kvq_dequant_k(codes, p["k_levels"], self.k_count.reshape(-1), self.k_idx, self.k_val)
+        pre = kvq_dequant_k(codes, p["k_levels"], p["k_lo"], p["k_hi"], self.k_count.reshape(-1),
+                            self.k_idx, self.k_val)
         pre = pre.reshape(t, b, h, d).permute(1, 2, 0, 3)
         f = self.keys.shape[2]
         cos, sin = rope_tables(self.rotary_emb, self.keys, f, f + t)

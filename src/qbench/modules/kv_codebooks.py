@@ -14,8 +14,10 @@ __all__ = ["KVCodebooks"]
 class KVCodebooks(nn.Module):
     """KVQuant's learned parameters for every layer, as fp16 buffers (saved in checkpoints):
 
-    * ``k_levels [L, C, 2^b]``: per-layer, per-channel pre-RoPE K codebooks (raw units, sorted);
-    * ``k_lo, k_hi [L, C]``: per-channel outlier thresholds (values outside are kept sparse);
+    * ``k_levels [L, 2^b]``: per-layer pre-RoPE K codebooks in the per-channel normalized domain
+      [-1, 1] (sorted);
+    * ``k_lo, k_hi [L, C]``: per-channel thresholds: they normalize the channel ([lo, hi] → [-1, 1])
+      and values outside are kept sparse;
     * ``v_levels [L, 2^b]``: per-layer V codebooks in the per-token normalized domain [-1, 1].
     """
 
@@ -23,10 +25,19 @@ class KVCodebooks(nn.Module):
         super().__init__()
         self.n_layers, self.n_channels, self.bits = n_layers, n_channels, bits
         k = 2**bits
-        self.register_buffer("k_levels", torch.zeros(n_layers, n_channels, k, dtype=torch.float16))
+        self.register_buffer("k_levels", torch.zeros(n_layers, k, dtype=torch.float16))
         self.register_buffer("k_lo", torch.zeros(n_layers, n_channels, dtype=torch.float16))
         self.register_buffer("k_hi", torch.zeros(n_layers, n_channels, dtype=torch.float16))
         self.register_buffer("v_levels", torch.zeros(n_layers, k, dtype=torch.float16))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = state_dict.get(prefix + "k_levels")
+        if old is not None and old.dim() == 3:
+            raise RuntimeError("this KVQuant checkpoint holds per-channel key codebooks (written before "
+                               "issue 16's reference KVQuant: one codebook per layer on normalized "
+                               "keys); re-quantize it (snakemake --forcerun quantize, or delete the "
+                               "checkpoint)")
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def meta(self) -> dict:
         return {"n_layers": self.n_layers, "n_channels": self.n_channels, "bits": self.bits}

@@ -27,21 +27,25 @@ KIVI (Liu et al., 2024) — asymmetric uniform, scale and minimum stored in fp16
   K / V are quantized, whatever the update pattern was (prefill + decode or token by token). In a
   decode step the flush happens after attention (:func:`kivi_decode_bounds`).
 
-KVQuant (Hooper et al., 2024):
+KVQuant (Hooper et al., 2024), as its reference code (SqueezeAILab/KVQuant
+``quant/kvquant/simquant_module_quantizer.py``, ``llama_simquant.py``: keys per channel, values
+per token, NUQ with dense-and-sparse outliers):
 
-* K is quantized **pre-RoPE**, per channel, with a per-layer, per-channel non-uniform codebook of
-  ``2^b`` levels (raw units) and per-channel outlier thresholds (``lo_c``, ``hi_c``), all
-  calibrated offline (a streaming cache cannot know a channel's future range: that is why KVQuant
-  calibrates K offline). Values outside ``[lo_c, hi_c]`` — the ``outlier_fraction`` most extreme
-  values of the channel on the calibration set, half on each side — are kept in fp16 as a sparse
+* K is quantized **pre-RoPE**, per channel: each channel is normalized to ``[-1, 1]`` with its
+  calibrated outlier thresholds (``lo_c``, ``hi_c``: the ``outlier_fraction/2`` and
+  ``1 - outlier_fraction/2`` quantiles of the channel on the calibration set, stored in fp16), then
+  snapped to **one** non-uniform codebook of ``2^b`` levels per layer, learned offline on every
+  channel's normalized inliers (a streaming cache cannot know a channel's future range: that is
+  why KVQuant calibrates K offline). Values outside ``[lo_c, hi_c]`` are kept in fp16 as a sparse
   matrix (per-token CSR: counts int16, channel indices int16, values fp16).
-* V is quantized per token: the ``k = max(1, round(outlier_fraction*C))`` largest-magnitude values
-  of each token vector are kept in fp16 (values + int16 indices); the remaining values are
-  normalized with the token's (center, half-range) (fp16) to ``[-1, 1]`` and snapped to a
-  per-layer codebook of ``2^b`` levels learned offline.
+* V is quantized per token: the ``m`` lowest and ``m`` highest values of each token vector — the
+  values at or beyond its per-token quantile thresholds (:func:`n_value_outliers`) — are kept in
+  fp16 (values + int16 indices); the inliers are recentred with the token's median as the
+  reference does, normalized with the token's (center, half-range) (fp16) to ``[-1, 1]`` and
+  snapped to a per-layer codebook of ``2^b`` levels learned offline.
 * Codebooks come from sensitivity-weighted 1-D k-means (Lloyd iterations starting from the uniform
-  grid, so NUQ is never worse than uniform on the calibration objective; the weighted squared
-  error is non-increasing in every iteration). See :func:`weighted_kmeans_1d`.
+  grid on ``[-1, 1]``, so NUQ is never worse than uniform on the calibration objective; the
+  weighted squared error is non-increasing in every iteration). See :func:`weighted_kmeans_1d`.
 * The first ``first_fp16`` tokens (attention sink) are kept exactly (post-RoPE, compute dtype).
 * Pre-RoPE: the attention side (cache ``update`` and the attention hook) only sees post-RoPE K in
   transformers v5 (``Cache.update`` receives no cos/sin). We invert the rotation with the model's
@@ -69,7 +73,8 @@ __all__ = [
     "kivi_quant_lengths", "kivi_fake_quant",
     "rotate_half", "apply_rope", "invert_rope",
     "n_value_outliers", "weighted_kmeans_1d", "weighted_kmeans_1d_reference", "nearest_level",
-    "kvq_quant_k", "kvq_dequant_k", "kvq_quant_v", "kvq_dequant_v",
+    "kvq_quant_k", "kvq_dequant_k", "kvq_quant_v", "kvq_dequant_v", "kvq_norm_params",
+    "quantile_linear", "outlier_side_fraction",
     "fit_kvquant_layer", "kvquant_fake_quant",
 ]
 
@@ -265,10 +270,16 @@ def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaled: b
 
 # ----------------------------------------------------------------------------- KVQuant primitives
 def n_value_outliers(n_channels: int, fraction: float) -> int:
-    """Outliers kept per V token vector: ``max(1, round(fraction*C))`` (0 when fraction is 0)."""
+    """Outliers kept per V token vector: ``2m`` — the ``m`` lowest and ``m`` highest values, with
+    ``m = floor(p·(C-1)) + 1`` and ``p = outlier_fraction/2``: the number of values at or beyond
+    the reference's per-token quantile thresholds (``torch.quantile`` at ``p`` and ``1-p``,
+    linear interpolation; ``<=``/``>=``) when the token has no ties there (0 when fraction is 0).
+    Ties at a threshold would make the reference keep more; a fixed count keeps the packed layout
+    fixed-size."""
     if fraction <= 0:
         return 0
-    return min(n_channels - 1, max(1, int(round(fraction * n_channels))))
+    m = int(math.floor(outlier_side_fraction(fraction) * (n_channels - 1) + 1e-9)) + 1
+    return min(2 * m, 2 * ((n_channels - 1) // 2))
 
 
 _COUNT_MAX_MIDS = 15  # codebooks of up to 16 levels (4 bits) use compare-and-count
@@ -395,14 +406,45 @@ def weighted_kmeans_1d_reference(x: torch.Tensor, w: torch.Tensor, k: int, iters
     return c, hist
 
 
+def outlier_side_fraction(outlier_fraction: float) -> float:
+    """KVQuant's per-side quantile: ``1 - t`` with ``t = 1 - (1 - sparsity_threshold)/2`` and
+    ``sparsity_threshold = 1 - outlier_fraction`` (the reference's arithmetic, same float)."""
+    t = 1 - ((1 - (1 - outlier_fraction)) / 2)
+    return 1 - t
+
+
+def quantile_linear(x: torch.Tensor, q: float, dim: int) -> torch.Tensor:
+    """``torch.quantile``/``np.percentile`` with linear interpolation along ``dim`` (by sorting:
+    no size limit)."""
+    s, _ = x.float().sort(dim=dim)
+    n = s.shape[dim]
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    a, b = s.narrow(dim, lo, 1).squeeze(dim), s.narrow(dim, hi, 1).squeeze(dim)
+    return a + (b - a) * frac
+
+
+def kvq_norm_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(zero point, half range)`` from the stored fp16 thresholds (float32): the
+    inliers ``[lo, hi]`` map to ``[-1, 1]``."""
+    lo, hi = lo.float(), hi.float()
+    rng = (hi - lo) / 2
+    return (hi + lo) / 2, torch.where(rng > 0, rng, torch.ones_like(rng))
+
+
 def kvq_quant_k(rows: torch.Tensor, levels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-    """Quantize pre-RoPE K rows ``[N, C]`` (one row per token) with per-channel codebooks
-    ``levels [C, K]`` (fp16 values, sorted) and outlier thresholds ``lo, hi [C]``.
+    """Quantize pre-RoPE K rows ``[N, C]`` (one row per token): each channel normalized with its
+    thresholds (``(x - (hi+lo)/2) / ((hi-lo)/2)``), snapped to the layer's one codebook
+    ``levels [K]`` (fp16 values in the normalized domain, sorted); values outside ``[lo, hi]`` are
+    kept exactly (fp16) as sparse outliers (KVQuant's per-channel dense-and-sparse keys).
 
     Returns ``codes [N, C] uint8`` and the outliers as CSR over rows:
     ``counts [N] int16, idx [nnz] int16 (channel), val [nnz] fp16`` (row-major order)."""
     x = rows.float()
-    codes = nearest_level(x.t(), levels.float()).t().to(torch.uint8)
+    zp, rng = kvq_norm_params(lo, hi)
+    codes = nearest_level((x - zp) / rng, levels.float()).to(torch.uint8)
     out = (x < lo.float()) | (x > hi.float())
     counts = out.sum(1).to(torch.int16)
     nz = out.nonzero(as_tuple=False)
@@ -411,38 +453,47 @@ def kvq_quant_k(rows: torch.Tensor, levels: torch.Tensor, lo: torch.Tensor, hi: 
     return codes, counts, idx, val
 
 
-def kvq_dequant_k(codes: torch.Tensor, levels: torch.Tensor, counts: torch.Tensor,
-                  idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+def kvq_dequant_k(codes: torch.Tensor, levels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                  counts: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`kvq_quant_k` → float32 ``[N, C]``."""
-    lv = levels.float()
-    c = codes.long()
-    x = lv.gather(1, c.t()).t() if c.numel() else torch.zeros(c.shape, device=codes.device)
+    zp, rng = kvq_norm_params(lo, hi)
+    x = levels.float()[codes.long()] * rng + zp
     if val.numel():
-        rows = torch.repeat_interleave(torch.arange(c.shape[0], device=codes.device), counts.long())
+        rows = torch.repeat_interleave(torch.arange(codes.shape[0], device=codes.device), counts.long())
         x = x.clone()
         x[rows, idx.long()] = val.float()
     return x
 
 
+def _value_outlier_indices(x: torch.Tensor, n_out: int) -> torch.Tensor:
+    """``[N, n_out]`` channel indices of each row's ``n_out/2`` smallest and ``n_out/2`` largest
+    values (KVQuant's per-token lower/upper quantile outliers)."""
+    m = n_out // 2
+    return torch.cat([x.topk(m, dim=1, largest=False).indices, x.topk(m, dim=1).indices], 1)
+
+
 def kvq_quant_v(rows: torch.Tensor, levels: torch.Tensor, n_out: int):
     """Quantize V rows ``[N, C]`` per token with the per-layer normalized codebook ``levels [K]``
-    (fp16 values in [-1, 1], sorted) keeping the ``n_out`` largest-magnitude values per row.
+    (fp16 values in [-1, 1], sorted), keeping the ``n_out/2`` lowest and ``n_out/2`` highest values
+    of each token exactly (KVQuant's ``get_outliers_dynamic``: per-token quantiles; by rank here,
+    see :func:`n_value_outliers`). The inlier range is recentred with the token's median as the
+    reference does (outliers replaced by the median before the min/max).
 
     Returns ``codes [N, C] uint8, center [N] fp16, scale [N] fp16, idx [N, n_out] int16,
     val [N, n_out] fp16``."""
     x = rows.float()
     n, c = x.shape
+    inl = torch.ones_like(x, dtype=torch.bool)
     if n_out:
-        idx = x.abs().topk(n_out, dim=1).indices
+        idx = _value_outlier_indices(x, n_out)
         val = x.gather(1, idx)
-        inl = torch.ones_like(x, dtype=torch.bool).scatter_(1, idx, False)
+        inl.scatter_(1, idx, False)
     else:
         idx = torch.zeros(n, 0, dtype=torch.long, device=x.device)
         val = torch.zeros(n, 0, device=x.device)
-        inl = torch.ones_like(x, dtype=torch.bool)
-    big = torch.finfo(torch.float32).max
-    mn = torch.where(inl, x, torch.full_like(x, big)).amin(1)
-    mx = torch.where(inl, x, torch.full_like(x, -big)).amax(1)
+    med = x.median(dim=1, keepdim=True).values
+    tmp = torch.where(inl, x, med)
+    mn, mx = tmp.amin(1), tmp.amax(1)
     center = ((mx + mn) * 0.5).half().float()
     scale = round_fp16_up(torch.maximum(mx - center, center - mn))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -459,69 +510,67 @@ def kvq_dequant_v(codes, center, scale, idx, val, levels) -> torch.Tensor:
     return x
 
 
-def _normalized_v(x: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Calibration helper: per-token normalized V ``u`` (outliers masked), inlier mask, scale."""
-    n, c = x.shape
-    inl = torch.ones_like(x, dtype=torch.bool)
-    if n_out:
-        inl.scatter_(1, x.abs().topk(n_out, dim=1).indices, False)
-    big = torch.finfo(torch.float32).max
-    mn = torch.where(inl, x, torch.full_like(x, big)).amin(1)
-    mx = torch.where(inl, x, torch.full_like(x, -big)).amax(1)
-    center = ((mx + mn) * 0.5).half().float()
-    scale = round_fp16_up(torch.maximum(mx - center, center - mn))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (x - center.unsqueeze(1)) / scale.unsqueeze(1), inl, scale
-
-
-def _channel_thresholds(x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (channel) thresholds leaving ``fraction/2`` of the values below ``lo`` and above
-    ``hi``: ``x [C, N]`` → ``lo, hi [C]`` (fp16-representable, ``±inf`` when fraction is 0)."""
-    c, n = x.shape
-    if fraction <= 0 or n == 0:
-        return torch.full((c,), float("-inf")), torch.full((c,), float("inf"))
-    s, _ = x.float().sort(dim=1)
-    m = int(math.floor(fraction / 2 * n))  # values strictly outside on each side
-    lo = s[:, m]
-    hi = s[:, n - 1 - m]
-    return round_fp16_down(lo), round_fp16_up(hi)
+def _percentile_normalized(x: torch.Tensor, fraction: float, dim: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's calibration normalization (``SimQuant.quantize``): thresholds at the
+    per-side quantiles along ``dim`` (``np.percentile``, linear), ``u = (x - zp) / range`` with
+    ``zp, range`` their midpoint and half-distance; inliers are ``|u| <= 1``. Returns
+    ``(u, inlier mask, lo, hi)``."""
+    p = outlier_side_fraction(fraction)
+    if fraction <= 0:
+        lo, hi = x.amin(dim), x.amax(dim)
+    else:
+        lo, hi = quantile_linear(x, p, dim), quantile_linear(x, 1 - p, dim)
+    zp, rng = (hi + lo) / 2, (hi - lo) / 2
+    rng = torch.where(rng > 0, rng, torch.ones_like(rng))
+    u = (x - zp.unsqueeze(dim)) / rng.unsqueeze(dim)
+    return u, u.abs() <= 1, lo, hi
 
 
 @torch.no_grad()
 def fit_kvquant_layer(k_pre: torch.Tensor, v: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
                       *, bits: int, outlier_fraction: float, iters: int) -> dict:
-    """Learn one layer's KVQuant parameters from calibration data.
+    """Learn one layer's KVQuant parameters from calibration data, as the reference's
+    ``SimQuant.quantize`` (``llama_simquant.py``: ``k_proj`` per channel, ``v_proj`` per token):
+
+    * keys: per-channel thresholds at the ``outlier_fraction/2`` and ``1 - outlier_fraction/2``
+      quantiles over the calibration tokens (fp16, rounded outwards); the keys normalized per
+      channel to ``[-1, 1]`` with them; **one** codebook of ``2^b`` levels for the layer fitted
+      on every channel's normalized inliers, weighted by the sensitivities;
+    * values: the same normalization per token (quantile thresholds of each token vector), one
+      codebook of ``2^b`` levels for the layer on the normalized inliers.
 
     ``k_pre, v, wk, wv: [N, C]`` (pre-RoPE keys, values and their sensitivity weights, sink tokens
-    already removed). Returns fp16 ``k_levels [C, 2^b]``, ``k_lo, k_hi [C]``, ``v_levels [2^b]``
-    and statistics (weighted error of the uniform initial grid vs the learned codebook)."""
+    already removed). Deviation from the reference: weighted Lloyd iterations from the uniform
+    grid on ``[-1, 1]`` (:func:`weighted_kmeans_1d`) instead of scikit-learn's k-means++
+    (``max_iter=50``). Returns fp16 ``k_levels [2^b]``, ``k_lo, k_hi [C]``, ``v_levels [2^b]``
+    and statistics (weighted error of the uniform grid vs the learned codebook)."""
     k = 2**bits
-    kx = k_pre.float().t().contiguous()
-    kw = wk.float().t().contiguous()
-    lo, hi = _channel_thresholds(kx, outlier_fraction)
-    inl = (kx >= lo.unsqueeze(1)) & (kx <= hi.unsqueeze(1))
-    kw_in = torch.where(inl, kw, torch.zeros_like(kw))
-    # inlier range per channel (the uniform grid the k-means starts from)
-    big = torch.finfo(torch.float32).max
-    klo = torch.where(inl, kx, torch.full_like(kx, big)).amin(1)
-    khi = torch.where(inl, kx, torch.full_like(kx, -big)).amax(1)
-    k_levels, k_hist = weighted_kmeans_1d(kx, kw_in, k, iters, lo=klo, hi=khi)
-    k_levels, _ = k_levels.half().float().sort(dim=1)
+    kx = k_pre.float()
+    _, _, lo, hi = _percentile_normalized(kx, outlier_fraction, 0)
+    lo, hi = round_fp16_down(lo), round_fp16_up(hi)  # the stored thresholds, rounded outwards
+    zp, rng = kvq_norm_params(lo, hi)  # normalize as the runtime does, with the stored values
+    uk = (kx - zp) / rng
+    kin = (kx >= lo) & (kx <= hi)
+    kw = torch.where(kin, wk.float(), torch.zeros_like(uk))
+    edge = (torch.tensor([-1.0]), torch.tensor([1.0]))
+    k_levels, k_hist = weighted_kmeans_1d(uk.reshape(1, -1), kw.reshape(1, -1), k, iters,
+                                          lo=edge[0], hi=edge[1])
+    k_levels, _ = k_levels[0].half().float().sort()
 
-    n_out = n_value_outliers(v.shape[1], outlier_fraction)
-    u, vin, vscale = _normalized_v(v.float(), n_out)
-    # error in raw units = error in normalized units × scale → weight w·scale²
-    vw = torch.where(vin, wv.float() * vscale.unsqueeze(1) ** 2, torch.zeros_like(u))
-    v_levels, v_hist = weighted_kmeans_1d(u.reshape(1, -1), vw.reshape(1, -1), k, iters,
-                                          lo=torch.tensor([-1.0]), hi=torch.tensor([1.0]))
+    uv, vin, _, _ = _percentile_normalized(v.float(), outlier_fraction, 1)
+    vw = torch.where(vin, wv.float(), torch.zeros_like(uv))
+    v_levels, v_hist = weighted_kmeans_1d(uv.reshape(1, -1), vw.reshape(1, -1), k, iters,
+                                          lo=edge[0], hi=edge[1])
     v_levels, _ = v_levels[0].half().float().sort()
+    outside = (kx < lo.float()) | (kx > hi.float())
     return {
         "k_levels": k_levels.half(), "k_lo": lo.half(), "k_hi": hi.half(), "v_levels": v_levels.half(),
         "stats": {
             "k_err_uniform": k_hist[0], "k_err_nuq": k_hist[-1],
             "v_err_uniform": v_hist[0], "v_err_nuq": v_hist[-1],
-            "k_outlier_rate": float((~inl).float().mean()) if inl.numel() else 0.0,
-            "v_outliers_per_token": n_out,
+            "k_outlier_rate": float(outside.float().mean()) if outside.numel() else 0.0,
+            "v_outliers_per_token": n_value_outliers(v.shape[1], outlier_fraction),
         },
     }
 
@@ -542,7 +591,7 @@ def kvquant_fake_quant(k_post: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
     pre = invert_rope(kq, cs, sn, scaled_rope)
     rows = pre.transpose(1, 2).reshape(b * (t - f), h * d)
     codes, counts, idx, val = kvq_quant_k(rows, k_levels, k_lo, k_hi)
-    deq = kvq_dequant_k(codes, k_levels, counts, idx, val).reshape(b, t - f, h, d).transpose(1, 2)
+    deq = kvq_dequant_k(codes, k_levels, k_lo, k_hi, counts, idx, val).reshape(b, t - f, h, d).transpose(1, 2)
     kq = apply_rope(deq, cs, sn).to(k_post.dtype)
     vrows = v[:, :, f:].transpose(1, 2).reshape(b * (t - f), h * d)
     n_out = n_value_outliers(h * d, outlier_fraction)
