@@ -7,6 +7,14 @@ refactor (methods describing themselves, records below api/eval, KV registration
 
 ``test_pipeline.py::test_records_and_checkpoints_match_golden`` compares a fresh smoke run with it:
 the refactor must not change a single number, hash or checkpoint tensor.
+
+Regenerated for issue 16 (items 1-4), restricted to the records and checkpoints it held before.
+What legitimately changed: every resolved recipe gained the new options (``sym_grid``; GPTQ's
+``razor_*``) and so its ``recipe_hash``; module metas gained ``a_sym_grid``; perplexity records
+gained ``kv_protocol`` (and KIVI's ``by_kv_protocol`` / ``ppl@<protocol>``); the symmetric RTN
+weights of ``w8-rtn`` and ``sq-w8a8`` moved to the ±(2^(b-1)-1) grid (new tensors, perplexity and
+statistics); KIVI's cache bytes follow the reference's key flush (``kv_memory``). ``w8a8-rtn``
+(exported to compressed-tensors) keeps the midpoint grid: its tensors and numbers are unchanged.
 """
 from __future__ import annotations
 
