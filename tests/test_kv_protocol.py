@@ -61,11 +61,11 @@ def test_decode_protocol_equals_token_by_token_decoding(name, t):
         assert use_kv_protocol(model, "prefill_quant") == "prefill_quant"
         pq = model(ids, use_cache=False).logits
         cache = kv_binding(model).make_cache(model)
-        steps = torch.cat([model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+        steps = torch.cat([model(ids[:, i:i + 1], cache=cache, use_cache=True).logits
                            for i in range(t)], 1)
         # prefill protocol ≡ one prefill-with-quant forward through the packed cache
         pcache = kv_binding(model).make_cache(model, prefill_with_quant=True)
-        pre = model(ids, past_key_values=pcache, use_cache=True).logits
+        pre = model(ids, cache=pcache, use_cache=True).logits
     assert (tf - steps).abs().max().item() < 1e-4
     assert (pq - pre).abs().max().item() < 1e-4
     if name == "kvquant":  # every token quantized on arrival: the two protocols coincide

@@ -163,7 +163,7 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
                  dtype: str = _PPL["dtype"], device: str | None = None, batch_size: int = _PPL["batch_size"],
                  progress: bool = True,
                  model_name: str | None = None, recipe_name: str | None = None,
-                 kv_protocol: list[str] | str | None = None) -> dict[str, dict]:
+                 kv_protocol: list[str] | str | None = _PPL["kv_protocol"]) -> dict[str, dict]:
     """Perplexity of a checkpoint/model on each corpus dir (its ``test.npy``); one record each.
 
     ``kv_protocol``: the KV-cache protocols to score a recipe with a KV-cache stage under
