@@ -42,12 +42,12 @@ def test_our_values_are_read_from_the_records(records):
 def test_compare_flags_beyond_tolerance(records, tmp_path):
     fp, w4 = ppl_of(records, "fp", "wiki"), ppl_of(records, "w4-rtn-g64", "wiki")
     mmlu_fp = 100 * records[(records.kind == "tasks") & (records.recipe == "fp")]["qbench_mmlu/acc"].iloc[0]
-    mmlu_w8 = 100 * records[(records.kind == "tasks") & (records.recipe == "w8-rtn")]["qbench_mmlu/acc"].iloc[0]
+    mmlu_w8 = 100 * records[(records.kind == "tasks") & (records.recipe == "w3-rtn-g64")]["qbench_mmlu/acc"].iloc[0]
     rows = [
         ("t1", M, "fp", "ppl:wiki", fp * 1.01, "fp"),              # ours 1 % below: ok at 3 %
         ("t1", M, "W4 g64", "ppl:wiki", w4 / 1.10, "w4-rtn-g64"),   # ours 10 % above: flagged
         ("t2", M, "fp", "acc:qbench_mmlu", mmlu_fp + 1.5, "fp"),    # 1.5 points: ok at 2
-        ("t2", M, "W8", "acc:qbench_mmlu", mmlu_w8 - 5.0, "w8-rtn"),  # 5 points: flagged
+        ("t2", M, "W3", "acc:qbench_mmlu", mmlu_w8 - 5.0, "w3-rtn-g64"),  # 5 points: flagged
         ("t2", M, "other", "ppl:wiki", 9.0, "not-run"),             # no record: missing
         ("t3", M, "kernel", "latency_ms:x", 0.1, "fp"),             # not comparable: left out
         ("t1", "Other-Model", "fp", "ppl:wiki", 1.0, "fp"),         # another model: left out
