@@ -246,9 +246,17 @@ def eager_attention(module: nn.Module, query, key, value, attention_mask, scalin
         scores = torch.tanh(scores / softcap) * softcap
     for fn in scores_hooks:
         scores = fn(module, scores)
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    probs = _masked_probs(module, scores, attention_mask, causal, probs_hooks, dropout, query.dtype)
+    out = torch.matmul(probs, v)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def _masked_probs(module: nn.Module, scores, attention_mask, causal: bool, probs_hooks, dropout: float, dtype):
+    """Mask (the given mask, or bottom-right-aligned causal when none), softmax in fp32, probs hooks,
+    dropout: the part of eager attention after the scores, shared by both attention paths."""
     q_len, kv_len = scores.shape[-2], scores.shape[-1]
     if attention_mask is None:
-        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         if causal and q_len > 1:
             # bottom-right aligned: query i (of the last q_len positions) sees keys ≤ its position
             qi = torch.arange(q_len, device=scores.device)[:, None] + (kv_len - q_len)
@@ -258,12 +266,10 @@ def eager_attention(module: nn.Module, query, key, value, attention_mask, scalin
         scores = scores.masked_fill(~attention_mask[..., :kv_len], torch.finfo(scores.dtype).min)
     else:
         scores = scores + attention_mask[..., :kv_len]
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
     for fn in probs_hooks:
         probs = fn(module, probs)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, v)
-    return out.transpose(1, 2).contiguous(), probs
+    return nn.functional.dropout(probs, p=dropout, training=module.training)
 
 
 def split_kv_attention(module: nn.Module, query, key, value, kq, vq, bk, bv, attention_mask,
@@ -275,7 +281,7 @@ def split_kv_attention(module: nn.Module, query, key, value, kq, vq, bk, bv, att
     n_rep = query.shape[1] // key.shape[1]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    q_len, kv_len = query.shape[-2], key.shape[-2]
+    kv_len = key.shape[-2]
     ki = torch.arange(kv_len, device=query.device)[None, :]
     use_kq = ki < bk.to(query.device)[:, None]  # [s_q, s_kv]
     use_vq = ki < bv.to(query.device)[:, None]
@@ -286,17 +292,7 @@ def split_kv_attention(module: nn.Module, query, key, value, kq, vq, bk, bv, att
         scores = torch.tanh(scores / softcap) * softcap
     for fn in scores_hooks:
         scores = fn(module, scores)
-    if attention_mask is None:
-        qi = torch.arange(q_len, device=scores.device)[:, None] + (kv_len - q_len)
-        scores = scores.masked_fill(ki > qi, torch.finfo(scores.dtype).min)
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., :kv_len], torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + attention_mask[..., :kv_len]
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    for fn in probs_hooks:
-        probs = fn(module, probs)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    probs = _masked_probs(module, scores, attention_mask, True, probs_hooks, dropout, query.dtype)
     zero = torch.zeros((), dtype=probs.dtype, device=probs.device)
     out = (torch.matmul(torch.where(use_vq, probs, zero), _repeat_kv(vq, n_rep))
            + torch.matmul(torch.where(use_vq, zero, probs), _repeat_kv(value, n_rep)))
