@@ -105,3 +105,33 @@ def test_ppl_records_carry_the_protocol(tmp_path):
     assert set(m["by_kv_protocol"]) == {"decode", "prefill_quant"}
     assert m["ppl@prefill_quant"] != m["ppl@decode"]
     assert recs["c"]["eval"]["kv_protocol"] == ["decode", "prefill_quant"]
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool"])
+def test_split_attention_sdpa_path_equals_eager_form(mask_kind):
+    # the SDPA fast path (no hooks) against the eager two-score-matrix form (forced by a no-op scores
+    # hook), with bounds that exercise all four quantized/full-precision combinations of K and V
+    # and query blocks smaller than the window
+    from torch import nn
+
+    from qbench.modules import attention as A
+
+    g = torch.Generator().manual_seed(3)
+    b, h, h_kv, s, d = 2, 4, 2, 300, 16
+    q, k, v = (torch.randn(b, n, s, d, generator=g) for n in (h, h_kv, h_kv))
+    kq, vq = k + 0.3 * torch.randn(k.shape, generator=g), v + 0.3 * torch.randn(v.shape, generator=g)
+    i = torch.arange(s)
+    bk = torch.randint(0, s, (s,), generator=g).minimum(i)   # not monotone; any split per query
+    bv = (i - 37).clamp(min=0)
+    mask = None
+    if mask_kind == "bool":   # causal plus a left-padding-like hole for the second sequence
+        mask = (i[None, :] <= i[:, None]).expand(b, 1, s, s).clone()
+        mask[1, :, 5:, :5] = False
+    m = nn.Module().eval()
+    fast, w = A.split_kv_attention(m, q, k, v, kq, vq, bk, bv, mask)
+    ref, _ = A.split_kv_attention(m, q, k, v, kq, vq, bk, bv, mask, scores_hooks=(lambda mod, x: x,))
+    assert w is None
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    # the block boundary does not matter
+    out = A._split_kv_sdpa(q, k, v, kq, vq, bk, bv, A._split_allowed(q, s, mask), d ** -0.5, 2, block=37)
+    torch.testing.assert_close(out.transpose(1, 2), fast, rtol=1e-5, atol=1e-5)

@@ -31,7 +31,8 @@ hook point   signature                                                   where
 forward in which query ``i`` reads key ``j`` as ``kq[j]`` when ``j < bk[i]`` and as ``k[j]``
 otherwise (values likewise with ``vq``/``bv``) — what token-by-token decoding through a quantized
 cache shows each query. ``bk, bv`` are ``[s_q]`` integer tensors (positions counted from the first
-key). Such layers run :func:`split_kv_attention` (eager math, two score matrices).
+key). Such layers run :func:`split_kv_attention` (SDPA over the four quantized/full-precision
+combinations of K and V, masked per query; eager math when score/probs hooks need the matrices).
 
 With only ``qkv`` hooks the base kernel runs unchanged (``sdpa`` stays fast); a ``scores`` or
 ``probs`` hook needs the matrices, so those layers run the eager computation below (bit-identical
@@ -272,16 +273,81 @@ def _masked_probs(module: nn.Module, scores, attention_mask, causal: bool, probs
     return nn.functional.dropout(probs, p=dropout, training=module.training)
 
 
+SPLIT_BLOCK = 128  # queries per SDPA call in the split-KV fast path
+
+
+def _split_kv_sdpa(query, key, value, kq, vq, bk, bv, allowed, scaling: float, n_rep: int,
+                   block: int = SPLIT_BLOCK):
+    """:func:`split_kv_attention` without score/probs hooks, on SDPA.
+
+    The per-(query, key) choice between the quantized and the full-precision K and V is one of four
+    combinations (kq·vq, kq·v, k·vq, k·v). Each query block attends to the concatenation of the
+    combinations' key/value column ranges that some query of the block uses, with a boolean mask
+    selecting, for every (query, key), exactly the one combination it reads (and causality). The
+    softmax over the concatenation is the softmax over the keys the query reads, so this is the same
+    attention as the eager two-score-matrix form, at SDPA's speed (about 9× faster on CPU for 2048
+    tokens; blocks also skip the keys after the block, i.e. half of a causal window). ``allowed``:
+    boolean ``[s_q, s_kv]`` or ``[b, 1|H, s_q, s_kv]``, True = may attend."""
+    s_q, kv_len = query.shape[-2], key.shape[-2]
+    ki = torch.arange(kv_len, device=query.device)[None, :]
+    use_kq = ki < bk.to(query.device)[:, None]
+    use_vq = ki < bv.to(query.device)[:, None]
+    combos = ((kq, vq, use_kq & use_vq), (kq, value, use_kq & ~use_vq),
+              (key, vq, ~use_kq & use_vq), (key, value, ~use_kq & ~use_vq))
+    outs = []
+    for a in range(0, s_q, block):
+        e = min(s_q, a + block)
+        allow = allowed[..., a:e, :]
+        ks, vs, ms = [], [], []
+        for k_src, v_src, sel in combos:
+            m = sel[a:e] & allow
+            cols = m.reshape(-1, kv_len).any(0).nonzero()
+            if cols.numel() == 0:
+                continue
+            lo, hi = int(cols[0]), int(cols[-1]) + 1
+            ks.append(k_src[..., lo:hi, :])
+            vs.append(v_src[..., lo:hi, :])
+            ms.append(m[..., lo:hi])
+        mask = torch.cat(ms, dim=-1)
+        outs.append(nn.functional.scaled_dot_product_attention(
+            query[..., a:e, :], _repeat_kv(torch.cat(ks, dim=-2), n_rep),
+            _repeat_kv(torch.cat(vs, dim=-2), n_rep), attn_mask=mask, scale=scaling))
+    return torch.cat(outs, dim=-2)
+
+
+def _split_allowed(query, kv_len: int, attention_mask):
+    """Boolean attend-mask for the SDPA split path, or ``None`` when only the eager path applies
+    (additive float masks; a query that may attend to nothing, where eager's uniform softmax over
+    ``finfo.min`` and SDPA differ)."""
+    s_q = query.shape[-2]
+    if attention_mask is None:
+        qi = torch.arange(s_q, device=query.device)[:, None] + (kv_len - s_q)
+        return torch.arange(kv_len, device=query.device)[None, :] <= qi
+    if attention_mask.dtype != torch.bool:
+        return None
+    allowed = attention_mask[..., :kv_len]
+    return allowed if bool(allowed.any(-1).all()) else None
+
+
 def split_kv_attention(module: nn.Module, query, key, value, kq, vq, bk, bv, attention_mask,
                        scaling: float | None = None, dropout: float = 0.0, softcap: float | None = None,
                        scores_hooks=(), probs_hooks=(), **kwargs):
-    """Eager attention in which query ``i`` reads key ``j`` as ``kq[j]`` if ``j < bk[i]`` else
+    """Attention in which query ``i`` reads key ``j`` as ``kq[j]`` if ``j < bk[i]`` else
     ``key[j]`` and value ``j`` as ``vq[j]`` if ``j < bv[i]`` else ``value[j]`` (see the module
-    docstring). Same math as :func:`eager_attention` otherwise (causal when no mask is given)."""
+    docstring). Same math as :func:`eager_attention` otherwise (causal when no mask is given).
+
+    Without score/probs hooks, softcap or dropout (the perplexity case) it runs on SDPA
+    (:func:`_split_kv_sdpa`) and returns no probabilities, as the ``sdpa`` kernel does; otherwise
+    the eager form (two score matrices) below."""
     n_rep = query.shape[1] // key.shape[1]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     kv_len = key.shape[-2]
+    if not (scores_hooks or probs_hooks or softcap is not None or (dropout and module.training)):
+        allowed = _split_allowed(query, kv_len, attention_mask)
+        if allowed is not None:
+            out = _split_kv_sdpa(query, key, value, kq, vq, bk, bv, allowed, scaling, n_rep)
+            return out.transpose(1, 2).contiguous(), None
     ki = torch.arange(kv_len, device=query.device)[None, :]
     use_kq = ki < bk.to(query.device)[:, None]  # [s_q, s_kv]
     use_vq = ki < bv.to(query.device)[:, None]
