@@ -11,6 +11,10 @@ wrote beside the job's log (``logs/**.timing.json``, see ``qbench.workflow.job``
 * ``compute``  the job body minus load and save: the pure work;
 * ``rest``     wall − everything above: Snakemake's job launch and the interpreter's exit.
 
+and the job's CPU time (``cpu``: user + system of the job process and its children), which does not
+depend on the machine's load: the sum over jobs, divided by the cores, bounds an idle run's wall time
+from below.
+
 Prints a table per rule and the totals: the pipeline's summed job time against its summed pure
 compute. Jobs without a timing file (written before the wrapper recorded phases, or the
 ``report`` rules) count as compute. Usage::
@@ -35,14 +39,14 @@ def job_phases(tsv: Path, timing: Path | None) -> dict:
         row = next(csv.DictReader(f, delimiter="\t"))
     wall = float(row["s"])
     if timing is None or not timing.exists():
-        return {"wall": wall, "compute": wall, **{p: 0.0 for p in PHASES if p != "compute"}}
+        return {"wall": wall, "compute": wall, "cpu": None, **{p: 0.0 for p in PHASES if p != "compute"}}
     t = json.loads(timing.read_text())
     startup, imports = float(t.get("startup") or 0.0), float(t.get("imports") or 0.0)
     load, save, body = float(t.get("load") or 0.0), float(t.get("save") or 0.0), float(t["body"])
     compute = max(0.0, body - load - save)
     rest = max(0.0, wall - startup - imports - body)
     return {"wall": wall, "startup": startup, "imports": imports, "load": load, "save": save,
-            "compute": compute, "rest": rest}
+            "compute": compute, "rest": rest, "cpu": t.get("cpu")}
 
 
 def collect(run_dir: Path) -> dict[str, list[dict]]:
@@ -83,6 +87,10 @@ def main(argv=None) -> None:
           f"{total['startup']:.0f}, imports {total['imports']:.0f}, load {total['load']:.0f}, "
           f"save {total['save']:.0f}, launch/exit {total['rest']:.0f}); per job "
           f"{over / max(n_jobs, 1):.1f} s overhead")
+    cpu = [r["cpu"] for rows in jobs.values() for r in rows if r.get("cpu") is not None]
+    if cpu:  # load-independent: what the run costs on an idle machine, before packing into cores
+        print(f"job CPU time (user+system, {len(cpu)} of {n_jobs} jobs recorded it): {sum(cpu):.0f} s "
+              f"= {sum(cpu) / 60:.1f} CPU-minutes")
 
 
 if __name__ == "__main__":

@@ -271,6 +271,13 @@ def pin_run_dir() -> None:
     os.environ.setdefault("QBENCH_RUN_DIR", os.getcwd())
 
 
+def process_cpu() -> float:
+    """CPU seconds (user + system) of this process and its waited-for children so far: the job's
+    cost independent of how loaded the machine is (wall time is not)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 @contextlib.contextmanager
 def job(smk, gpu: bool = False):
     """Run a script's body with stdout/stderr and logging sent to the rule's log file, the thread
@@ -314,7 +321,7 @@ def job(smk, gpu: bool = False):
         if log_path:  # phases of this job, for benchmarks/pipeline_overhead.py
             atomic_json(log_path.with_suffix(".timing.json"),
                         {"job": label, "startup": startup, **PHASES,
-                         "body": time.perf_counter() - t_body})
+                         "body": time.perf_counter() - t_body, "cpu": process_cpu()})
     except Exception as e:
         line = user_error_line(e)
         if line is None:
