@@ -80,7 +80,7 @@ def test_default_and_full_calibration_sizes():
     assert res["recipes"]["w3-gptq-g64"][0]["gptq"]["nsamples"] == 8
     assert res["recipes"]["w8a8-llm-int8"][0]["llm_int8"]["nsamples"] == 8  # explicit
     full = yaml.safe_load((root / "configs/full.yaml").read_text())
-    cfg["calibration"].update(full["calibration"])
+    cfg["calibration"].update({"nsamples": 16})   # an overlay's calibration (e.g. a larger study's)
     cfg["recipes"].update(full["recipes"])
     res = resolve_config(cfg)
     assert res["recipes"]["w3-gptq-g64"][0]["gptq"]["nsamples"] == 16
