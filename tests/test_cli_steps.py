@@ -114,6 +114,46 @@ def test_eval_ppl_command_equals_the_rule(tiny, tmp_path, monkeypatch):
     assert (rec["recipe"], rec["model"], rec["eval_dtype"]) == ("w4", "tiny", "bfloat16")
 
 
+def test_eval_ppl_kv_protocol_option_equals_the_rule(tiny, tmp_path, monkeypatch, capsys):
+    """``--kv-protocol`` (repeatable or a comma list) records what eval.ppl.kv_protocol does; left
+    out, the schema's default (both protocols, prefill_quant first); a bad value is one line."""
+    ck = tmp_path / "kivi/checkpoint"
+    api.quantize(tiny.model, [{"kivi": {"k_bits": 2, "v_bits": 2, "group_size": 32, "residual": 32}}], ck,
+                 progress=False, recipe_name="kivi", log=lambda *_: None)
+    args = ["eval", "ppl", "--model", str(ck), "--corpus", f"tiny={tiny.corpus}", "--seqlen", "64",
+            "--max-windows", "2", "--dtype", "float32"]
+    p = defaults.settings({"eval": {"ppl": {"corpora": ["tiny"], "seqlen": 64, "max_windows": 2, "dtype": "float32",
+                                            "kv_protocol": ["decode", "prefill_quant"]}}}, "eval.ppl")
+    rule = tmp_path / "rule/ppl-tiny.json"
+    _run_script("eval_ppl", monkeypatch, input={"checkpoint": ck, "corpora": [tiny.corpus / "corpus.json"]},
+                output={"records": [rule]}, params={**p}, wildcards={"model": "tiny", "recipe": "kivi"})
+    for i, flags in enumerate((["--kv-protocol", "decode,prefill_quant"],
+                               ["--kv-protocol", "decode", "--kv-protocol", "prefill_quant"])):
+        assert main([*args, *flags, "--out", str(tmp_path / f"cli{i}")]) == 0
+        rec = _same(rule, tmp_path / f"cli{i}/ppl-tiny.json")
+    m = rec["metrics"]
+    assert rec["eval"]["kv_protocol"] == ["decode", "prefill_quant"] and m["kv_protocol"] == "decode"
+    assert m["ppl"] == m["ppl@decode"] == m["by_kv_protocol"]["decode"]["ppl"] != m["ppl@prefill_quant"]
+    assert main([*args, "--out", str(tmp_path / "default")]) == 0  # the schema's default, as the pipeline
+    d = json.loads((tmp_path / "default/ppl-tiny.json").read_text())
+    assert d["eval"]["kv_protocol"] == defaults.EVAL["ppl"]["kv_protocol"] == ["prefill_quant", "decode"]
+    assert d["metrics"]["ppl"] == d["metrics"]["ppl@prefill_quant"] == m["ppl@prefill_quant"]
+    assert d["metrics"]["ppl@decode"] == m["ppl@decode"]
+    # a text file: the same protocols and record fields
+    (tmp_path / "t.txt").write_text((tiny.d / "tiny.txt").read_text()[:20000])
+    assert main(["eval", "ppl", "--model", str(ck), "--text", str(tmp_path / "t.txt"), "--seqlen", "64",
+                 "--max-windows", "2", "--kv-protocol", "decode", "--json", str(tmp_path / "text.json")]) == 0
+    t = json.loads((tmp_path / "text.json").read_text())
+    assert t["eval"]["kv_protocol"] == ["decode"] and list(t["metrics"]["by_kv_protocol"]) == ["decode"]
+    capsys.readouterr()
+    for bad in ("decoding", "decode,decode", ","):
+        assert main([*args, "--kv-protocol", bad, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("qbench: error: --kv-protocol=") and \
+            "distinct values from prefill_quant, decode" in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_calib_stats_command_equals_the_rule(tiny, tmp_path, monkeypatch):
     from qbench.calib.stats import load_stats
 

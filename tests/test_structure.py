@@ -251,7 +251,7 @@ def test_defaults_live_once_and_the_schema_agrees():
         "eval.ppl.max_windows": [(api.evaluate_ppl, "max_windows"), (api.evaluate_ppl_text, "max_windows")],
         "eval.ppl.dtype": [(api.evaluate_ppl, "dtype"), (api.evaluate_ppl_text, "dtype")],
         "eval.ppl.batch_size": [(api.evaluate_ppl, "batch_size"), (api.evaluate_ppl_text, "batch_size")],
-        "eval.ppl.kv_protocol": [(api.evaluate_ppl, "kv_protocol")],
+        "eval.ppl.kv_protocol": [(api.evaluate_ppl, "kv_protocol"), (api.evaluate_ppl_text, "kv_protocol")],
         "eval.kv.dtype": [(api.evaluate_kv, "dtype")],
         **{f"eval.kv.needle.{k}": [(needle.run_needle, k)] for k in
            ("context_lengths", "depths", "needles", "needle_template", "max_new_tokens", "prefill_with_quant")},

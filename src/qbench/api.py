@@ -172,8 +172,7 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
     names it and ``metrics.by_kv_protocol`` holds every protocol's result (``ppl@<protocol>`` flat
     too); a recipe without a KV stage gets ``kv_protocol: null``."""
     from .data.tokens import load_tokens
-    from .eval.ppl import perplexity
-    from .methods.kv_protocol import check_kv_protocols, decode_equals_prefill, use_kv_protocol
+    from .methods.kv_protocol import check_kv_protocols, use_kv_protocol
     from .models.loading import check_seqlen
 
     check_seqlen(path, seqlen, "eval.ppl.seqlen")
@@ -181,7 +180,6 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
     device = pick_device(device)
     model, _, manifest = load_for_eval(path, dtype=dtype, device=device)
     has_kv = use_kv_protocol(model, protocols[0]) is not None
-    same = has_kv and decode_equals_prefill(model)
     records = {}
     for name, cdir in corpora.items():
         cjson = Path(cdir) / "corpus.json"
@@ -190,21 +188,8 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
         cap = corpus_meta.get("eval_max_windows")
         windows_cap = min(x for x in (max_windows, cap) if x) if (max_windows or cap) else None
         tokens = load_tokens(cdir, "test")
-        by = {}
-        for proto in (protocols if has_kv else [None]):
-            if by and same:  # both protocols read the same K/V: one forward pass scores both
-                by[proto] = {**next(iter(by.values())), "same_as": protocols[0]}
-                continue
-            if proto is not None:
-                use_kv_protocol(model, proto)
-            desc = f"ppl {recipe_name or ''} {name}" + (f" [{proto}]" if len(protocols) > 1 and proto else "")
-            by[proto] = perplexity(model, tokens, seqlen, windows_cap, batch_size, progress, desc=desc.strip())
-        first = next(iter(by))
-        res = {**by[first], "kv_protocol": first}
-        if has_kv:
-            res["by_kv_protocol"] = by
-            res.update({f"ppl@{p}": r["ppl"] for p, r in by.items()})
-            use_kv_protocol(model, protocols[0])
+        res = _ppl_under_protocols(model, tokens, protocols, seqlen, windows_cap, batch_size, progress,
+                                   f"ppl {recipe_name or ''} {name}".strip())
         rec = base_record("ppl", manifest, model=model_name, recipe=recipe_name, device=device,
                           dtype=dtype, corpus=name, metrics=res,
                           corpus_hash=(corpus_meta.get("files") or {}).get("test.npy"),
@@ -216,26 +201,61 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
     return records
 
 
+def _ppl_under_protocols(model, tokens, protocols: list[str], seqlen: int, max_windows: int | None,
+                         batch_size: int, progress: bool, desc: str) -> dict:
+    """The perplexity metrics of one token stream: a model with a KV-cache stage is scored under
+    every protocol (``ppl`` the first one's, ``kv_protocol`` its name, ``by_kv_protocol`` and
+    ``ppl@<protocol>`` every one; protocols reading the same K/V share one forward, marked
+    ``same_as``), any other model once (``kv_protocol: None``). The model is left in the first
+    protocol."""
+    from .eval.ppl import perplexity
+    from .methods.kv_protocol import decode_equals_prefill, use_kv_protocol
+
+    has_kv = use_kv_protocol(model, protocols[0]) is not None
+    same = has_kv and decode_equals_prefill(model)
+    by = {}
+    for proto in (protocols if has_kv else [None]):
+        if by and same:  # both protocols read the same K/V: one forward pass scores both
+            by[proto] = {**next(iter(by.values())), "same_as": protocols[0]}
+            continue
+        if proto is not None:
+            use_kv_protocol(model, proto)
+        label = desc + (f" [{proto}]" if len(protocols) > 1 and proto else "")
+        by[proto] = perplexity(model, tokens, seqlen, max_windows, batch_size, progress, desc=label)
+    first = next(iter(by))
+    res = {**by[first], "kv_protocol": first}
+    if has_kv:
+        res["by_kv_protocol"] = by
+        res.update({f"ppl@{p}": r["ppl"] for p, r in by.items()})
+        use_kv_protocol(model, protocols[0])
+    return res
+
+
 def evaluate_ppl_text(path: str | Path, text_file: str | Path, *, seqlen: int = _PPL["seqlen"],
                       max_windows: int | None = _PPL["max_windows"], dtype: str = _PPL["dtype"],
                       device: str | None = None, batch_size: int = _PPL["batch_size"],
                       progress: bool = True, model_name: str | None = None,
-                      recipe_name: str | None = None) -> dict:
-    """Perplexity of a checkpoint/model on a raw text file (tokenized with the model's tokenizer)."""
-    from .eval.ppl import perplexity
+                      recipe_name: str | None = None,
+                      kv_protocol: list[str] | str | None = _PPL["kv_protocol"]) -> dict:
+    """Perplexity of a checkpoint/model on a raw text file (tokenized with the model's tokenizer);
+    ``kv_protocol`` and the KV fields of the record as :func:`evaluate_ppl`."""
+    from .methods.kv_protocol import check_kv_protocols, use_kv_protocol
     from .models.loading import check_seqlen
 
     check_seqlen(path, seqlen, "--seqlen")
+    protocols = check_kv_protocols(kv_protocol)
     text = read_text_file(text_file)
     device = pick_device(device)
     model, tok, manifest = load_for_eval(path, dtype=dtype, device=device)
     if tok is None:
         raise ConfigError(f"{path} has no tokenizer; cannot tokenize {text_file}")
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    res = perplexity(model, ids, seqlen, max_windows, batch_size, progress)
+    has_kv = use_kv_protocol(model, protocols[0]) is not None
+    res = _ppl_under_protocols(model, ids, protocols, seqlen, max_windows, batch_size, progress, "ppl")
     return base_record("ppl", manifest, model=model_name, recipe=recipe_name, device=device, dtype=dtype,
                        corpus=str(text_file), metrics=res,
-                       eval={"seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size})
+                       eval={"seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size,
+                             "kv_protocol": protocols if has_kv else None})
 
 
 def evaluate_kv(path: str | Path, corpus_dir: str | Path, *, needle_json: str | Path | None = None,

@@ -5,7 +5,7 @@
     qbench corpus NAME --source JSON --tokenizer DIR --out DIR
     qbench calib-stats --model DIR --corpus DIR --out CALIB_ROOT [--nsamples N --seqlen L --seed S]
     qbench quantize --model DIR --recipe YAML --out DIR [--calib NAME=DIR ...] [--stats CALIB_ROOT]
-    qbench eval ppl   --model PATH (--text FILE [--json OUT] | --corpus NAME=DIR ... --out DIR)
+    qbench eval ppl   --model PATH (--text FILE [--json OUT] | --corpus NAME=DIR ... --out DIR) [--kv-protocol P,...]
     qbench eval kv    --model PATH --corpus DIR --out DIR        (needle.json, kv_memory.json)
     qbench eval tasks --model PATH --tasks T ... [--corpus NAME=DIR ...] --out FILE
     qbench eval chat  --model PATH --out FILE
@@ -73,6 +73,17 @@ def name_eq_dir(text: str) -> str:
     if "=" not in text or not text.split("=", 1)[0] or not text.split("=", 1)[1]:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=DIR")
     return text
+
+
+class CommaList(argparse.Action):
+    """A repeatable option taking comma lists (``--x a,b --x c`` → ``[a, b, c]``); the values given
+    replace the default (the pipeline's list) instead of adding to it, as argparse's ``append``
+    would."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        items = [] if current is None or current is self.default else list(current)
+        setattr(namespace, self.dest, items + [v.strip() for v in values.split(",") if v.strip()])
 
 
 def cmd_info(a) -> int:
@@ -153,14 +164,16 @@ def _names(a) -> dict:
 
 def cmd_eval_ppl(a) -> int:
     from .api import evaluate_ppl, evaluate_ppl_text, set_threads, write_record
+    from .methods.kv_protocol import check_kv_protocols
 
+    protocols = check_kv_protocols(a.kv_protocol, key="--kv-protocol")  # as eval.ppl.kv_protocol
     if bool(a.text) == bool(a.corpus):
         raise ConfigError("eval ppl: give either --text FILE or --corpus NAME=DIR (one or more)")
     if a.corpus and not a.out:
         raise ConfigError("eval ppl --corpus: --out DIR is required (records ppl-NAME.json go there)")
     set_threads(a.threads)
     kw = dict(seqlen=a.seqlen, max_windows=a.max_windows, dtype=a.dtype, device=a.device,
-              batch_size=a.batch_size, **_names(a))
+              batch_size=a.batch_size, kv_protocol=protocols, **_names(a))
     if a.text:
         recs = {a.text: evaluate_ppl_text(a.model, a.text, **kw)}
         if a.json:
@@ -170,8 +183,9 @@ def cmd_eval_ppl(a) -> int:
         recs = evaluate_ppl(a.model, corpora, {c: str(Path(a.out) / f"ppl-{c}.json") for c in corpora}, **kw)
     for name, rec in recs.items():
         m = rec["metrics"]
+        kv = "".join(f", KV {p}: {r['ppl']:.4f}" for p, r in (m.get("by_kv_protocol") or {}).items())
         print(f"{name}: ppl {m['ppl']:.4f}  ({m['n_windows']} windows × {m['seqlen']} tokens, {m['protocol']}, "
-              f"{m['tokens_per_s']:.0f} tok/s)")
+              f"{m['tokens_per_s']:.0f} tok/s{kv})")
     return 0
 
 
@@ -364,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seqlen", type=int_range(2), default=d["seqlen"])
     s.add_argument("--max-windows", type=int_range(1), default=d["max_windows"])
     s.add_argument("--batch-size", type=int_range(1), default=d["batch_size"])
+    s.add_argument("--kv-protocol", action=CommaList, default=d["kv_protocol"], metavar="P[,P]",
+                   help="KV-cache perplexity protocols of a recipe with a KV-cache stage, the first one "
+                        f"the record's ppl: {', '.join(enum('eval.ppl.kv_protocol.*'))}; repeatable or a comma "
+                        f"list (default: {','.join(d['kv_protocol'])}, as the pipeline)")
     _eval_options(s, d["dtype"])
     s.set_defaults(fn=cmd_eval_ppl)
 

