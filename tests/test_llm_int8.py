@@ -131,3 +131,24 @@ def test_threshold_config():
     assert parse_recipe([{"llm_int8": {"threshold": float("inf")}}])[0].config.threshold == math.inf
     with pytest.raises(ConfigError, match="threshold"):
         parse_recipe([{"llm_int8": {"threshold": -1}}])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("in_f", [96, 1100])
+def test_int_mm_and_blocked_epilogue_equal_the_float_reference_bit_for_bit(in_f):
+    """The fast path (``torch._int_mm``, float64 epilogue per row block in the order
+    ``(acc·s_x)·s_w``) gives the same bits as the float matmul (fp32 chunks of ≤ 1024 dims summed in
+    float64) and the outer-product epilogue; 300 rows span several epilogue blocks."""
+    torch.manual_seed(1)
+    lin = nn.Linear(in_f, 40, bias=False)
+    m = Int8Linear.from_linear(lin, threshold=math.inf).to(torch.bfloat16)
+    x = (torch.randn(300, in_f) * 3).round().clamp(-127, 127)
+    acc = m._int8_matmul(x)
+    ref = m._int8_matmul_float(x)
+    assert acc.dtype == torch.int32 and torch.equal(acc.double(), ref)
+    sx = torch.rand(300) * 0.05 + 1e-4
+    assert torch.equal(m._epilogue(acc, sx), m._epilogue_reference(ref, sx))
+    xb = torch.randn(2, 150, in_f).bfloat16()
+    y = m(xb)
+    m._int8_matmul, m._epilogue = m._int8_matmul_float, m._epilogue_reference
+    assert torch.equal(y, m(xb))

@@ -135,3 +135,26 @@ def test_symmetric_grids(bits):
         assert 1 - float(wm[0, 3]) / 3.0 == pytest.approx(0.0667, abs=1e-3)
     with pytest.raises(Exception, match="sym_grid='mid': allowed values are restricted, midpoint"):
         quantize_weight(w, WeightQuantSpec(bits, True, -1, sym_grid="mid"))
+
+
+def test_activation_quant_in_place_equals_the_plain_reference_bit_for_bit():
+    """fake_quantize_activation (in place on one fp32 copy) is op for op the plain reference."""
+    from qbench.quant.uniform import fake_quantize_activation_reference
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(3, 5, 64, generator=g) * torch.rand(3, 5, 1, generator=g) * 5).to(dtype)
+        x[0, 0] = 0.0
+        x[1, 1, 3] = 30.0
+        for bits, gran, sym, grid, clip in [(2, "per_token", False, "restricted", 1.0),
+                                            (4, "per_token", True, "restricted", 1.0),
+                                            (4, "per_tensor", True, "midpoint", 0.9),
+                                            (6, "per_token", True, "midpoint", 1.0),
+                                            (8, "per_tensor", False, "restricted", 0.9)]:
+            for inp in (x, x.transpose(0, 1)):  # contiguous and strided
+                got = fake_quantize_activation(inp, bits, gran, sym, clip, grid)
+                want = fake_quantize_activation_reference(inp, bits, gran, sym, clip, grid)
+                assert got.dtype == inp.dtype and torch.equal(got, want)
+    x = torch.randn(4, 8)
+    y = x.clone()
+    fake_quantize_activation(x, 4)
+    assert torch.equal(x, y)  # the input is never modified

@@ -35,6 +35,8 @@ def test_hadamard_factors_and_missing_orders():
 def test_online_hadamard_equals_dense(n):
     x = torch.randn(3, 5, n, dtype=torch.float64)
     assert torch.allclose(online_hadamard(x), x @ hadamard(n).double() / n ** 0.5, atol=1e-12)
+    xt = torch.randn(5, 3, n, dtype=torch.float64).transpose(0, 1)  # strided, like q/k after RoPE
+    assert torch.allclose(online_hadamard(xt), xt @ hadamard(n).double() / n ** 0.5, atol=1e-12)
 
 
 def model_with_outliers(seed=0, hidden=64, heads=4, kv=2, ffn=128, layers=2, std=0.05):

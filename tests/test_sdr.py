@@ -245,3 +245,30 @@ def test_gptq_razor_config_needs_qrazor_base():
     with pytest.raises(ConfigError, match=r"razor_bits=4: razoring inside GPTQ needs QRazor's base"):
         parse_recipe([{"gptq": {"w_bits": 8, "sym": True, "razor_bits": 4}}])  # midpoint grid
     parse_recipe([{"gptq": {"w_bits": 8, "sym": True, "sym_grid": "restricted", "razor_bits": 4}}])
+
+
+def test_fast_fake_quant_equals_the_integer_reference_bit_for_bit():
+    """sdr_fake_quant (fp32, in place) gives the same bits as the int64 reference for every base,
+    granularity, group size (dividing or padded), ties rule and dtype; the frexp bit length
+    equals the comparison loop's, beyond 2^24 too."""
+    from qbench.quant.sdr import _bit_length, sdr_fake_quant_reference
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(3, 5, 40, generator=g) * torch.rand(3, 5, 1, generator=g) * 5).to(dtype)
+        x[0, 0] = 0.0
+        x[1, 2, 7] = 40.0
+        for bits, gs, base, gran, sym, ties in [
+                (4, 8, 8, "per_token", False, "even"), (4, 16, 8, "per_token", False, "up"),
+                (4, 16, 16, "per_tensor", True, "even"), (3, 7, 8, "per_channel", True, "up"),
+                (2, 1, 8, "per_token", True, "even"), (6, 12, 16, "per_token", False, "even"),
+                (8, 8, 8, "per_token", True, "even"), (4, 40, 16, "per_channel", False, "up")]:
+            for inp in (x, x.transpose(0, 1)):
+                got = sdr_fake_quant(inp, bits, gs, base, gran, sym=sym, ties=ties)
+                want = sdr_fake_quant_reference(inp, bits, gs, base, gran, sym=sym, ties=ties)
+                assert got.dtype == inp.dtype and torch.equal(got, want), (bits, gs, base, gran, sym, ties)
+        s = base_scale(x, 8, "per_token", fp16=True)
+        assert torch.equal(sdr_fake_quant(x, 4, 8, 8, scale=s), sdr_fake_quant_reference(x, 4, 8, 8, scale=s))
+    m = torch.tensor([0, 1, 2, 3, 255, 256, 2 ** 23 + 1, 2 ** 24 - 1])
+    assert _bit_length(m).tolist() == [v.bit_length() for v in m.tolist()]
+    big = torch.tensor([2 ** 24, 2 ** 40 + 3, 5])
+    assert _bit_length(big).tolist() == [25, 41, 3]

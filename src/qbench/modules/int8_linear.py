@@ -18,8 +18,8 @@ Forward, for the flattened input X ``[tokens, in]`` of the current call:
    the CUDA kernel), with the outlier columns zeroed;
 3. ``Y = (X_q @ W_qᵀ) · s_x ⊗ s_w`` — the int8×int8 products are summed exactly (int32 semantics;
    on CUDA the Triton int8 GEMM of ``qbench_kernels`` with the scales applied in its fp32 epilogue
-   (``QBENCH_KERNELS=reference``: ``torch._int_mm``), on CPU exact fp32 partial sums over ≤ 1024
-   dims added in float64);
+   (``QBENCH_KERNELS=reference`` and on CPU: ``torch._int_mm``; where it cannot run, exact fp32
+   partial sums over ≤ 1024 dims added in float64);
 4. ``Y += X[:, outliers] @ Ŵ[:, outliers]ᵀ`` in the compute dtype, where ``Ŵ = W_q · s_w`` is the
    *dequantized int8* weight: like bitsandbytes at inference (``state.subB =
    int8_vectorwise_dequant(CB[:, idx], SCB)``) only the activation side of the outlier columns
@@ -139,20 +139,29 @@ class Int8Linear(nn.Module):
 
     # ----------------------------------------------------------------- execution
     _EXACT_K = 1024  # 1024 · 127² < 2²⁴: an fp32 dot product of ≤ 1024 int8 pairs is exact
+    _INT32_K = (2 ** 31 - 1) // 127 ** 2  # int32 accumulators are exact up to this many dims
 
     def _int8_matmul(self, xq: torch.Tensor) -> torch.Tensor:
-        """Exact ``xq @ W_qᵀ`` (int32 semantics), returned as float64.
+        """Exact ``xq @ W_qᵀ`` (int32 semantics): int32, or float64 holding the same integers.
 
-        CUDA: ``torch._int_mm`` (int8 × int8 → int32) where its shape rules allow, else a float64
-        matmul. CPU: fp32 matmuls over chunks of ≤ 1024 input dims (each exact) summed in float64.
+        ``torch._int_mm`` (int8 × int8 → int32; on CPU 2.6x the fp32 matmul, measured) where it
+        runs (CUDA shape rules: > 16 rows, multiples of 8); else :meth:`_int8_matmul_float`.
         """
         wq = self.weight_codes
-        if xq.is_cuda and xq.shape[0] > 16 and xq.shape[1] % 8 == 0 and wq.shape[0] % 8 == 0:
+        if self.in_features <= self._INT32_K and (
+                not xq.is_cuda or (xq.shape[0] > 16 and xq.shape[1] % 8 == 0 and wq.shape[0] % 8 == 0)):
             try:
-                return torch._int_mm(xq.to(torch.int8), wq.t()).double()
+                return torch._int_mm(xq.to(torch.int8), wq.t())
             except RuntimeError:
                 pass
-        if xq.is_cuda:  # float64: exact, and immune to TF32 settings
+        return self._int8_matmul_float(xq)
+
+    def _int8_matmul_float(self, xq: torch.Tensor) -> torch.Tensor:
+        """The same product in floating point, float64: on CUDA a float64 matmul (exact, immune
+        to TF32 settings); elsewhere fp32 matmuls over chunks of ≤ 1024 input dims (each exact)
+        summed in float64."""
+        wq = self.weight_codes
+        if xq.is_cuda:
             return xq.double() @ wq.double().t()
         k = self.in_features
         if k <= self._EXACT_K:
@@ -163,10 +172,33 @@ class Int8Linear(nn.Module):
             acc = part if acc is None else acc + part
         return acc
 
+    _EPILOGUE_ROWS = 128  # rows per block of the float64 epilogue (stays in cache)
+
+    def _epilogue(self, acc: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
+        """``acc · (s_x ⊗ s_w)`` in float64, rounded once to the compute dtype.
+
+        Reference: ``(s_x[:, None] · s_w[None, :]) · acc`` with the outer product formed first.
+        Here ``(acc · s_x) · s_w`` per block of rows: the same double, because both orders round
+        the exact product once — ``s_x·s_w`` is exact (fp32 × fp16 mantissas: 24 + 11 ≤ 53 bits)
+        and so is ``acc·s_x`` while ``|acc| < 2^29`` (29 + 24 ≤ 53 bits; ``|acc| ≤ 127²·in``, so
+        ``in ≤ 33,283``). Wider layers take the reference order."""
+        sx64, sw64 = sx.double()[:, None], self.weight_scales.double()[None, :]
+        if self.in_features * 127 ** 2 >= 2 ** 29:
+            return self._epilogue_reference(acc, sx)
+        out = torch.empty(acc.shape, dtype=self.compute_dtype, device=acc.device)
+        step = self._EPILOGUE_ROWS
+        for i in range(0, acc.shape[0], step):
+            out[i:i + step] = acc[i:i + step].double().mul_(sx64[i:i + step]).mul_(sw64)
+        return out
+
+    def _epilogue_reference(self, acc: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
+        """The epilogue as first written: the float64 scale outer product, times ``acc``."""
+        return (sx.double()[:, None] * self.weight_scales.double()[None, :]).mul_(acc).to(self.compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        xf = x2.float()
+        xf = x2.to(torch.float32, copy=True)  # quantized in place below
         a = xf.abs()
         thr = self.threshold
         if math.isinf(thr):
@@ -176,23 +208,22 @@ class Int8Linear(nn.Module):
             big = a >= thr
             cols = big.any(dim=0)
             outliers = cols if bool(cols.any()) else None
-            row_abs = a.masked_fill(big, 0.0).amax(dim=1)
+            row_abs = a.masked_fill_(big, 0.0).amax(dim=1)
             if self.count_outliers and x2.shape[0] > 0:
                 self.forwards += 1
                 self.outlier_frac_sum += float(cols.float().mean())
                 self.ever_outlier |= cols
         sx = row_abs / 127.0
         sx = torch.where(sx > 0, sx, torch.ones_like(sx))
-        xq = torch.round(xf / sx[:, None]).clamp_(-127, 127)
+        xq = xf.div_(sx[:, None]).round_().clamp_(-127, 127)
         if outliers is not None:
-            xq[:, outliers] = 0.0
+            xq.masked_fill_(outliers[None, :], 0.0)
         k = kernels_for(self.weight_codes)
         if k is not None:  # Triton int8 GEMM with the scale epilogue fused (fp32 epilogue)
             y = k.int8_gemm(xq.to(torch.int8), self.weight_codes, sx, self.weight_scales,
                             out_dtype=self.compute_dtype)
         else:
-            acc = self._int8_matmul(xq)
-            y = (acc * (sx.double()[:, None] * self.weight_scales.double()[None, :])).to(self.compute_dtype)
+            y = self._epilogue(self._int8_matmul(xq), sx)
         if outliers is not None:
             idx = outliers.nonzero().squeeze(1)
             w_sub = self.weight[:, idx]                     # dequantized int8 columns, 16-bit

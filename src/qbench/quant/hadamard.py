@@ -124,8 +124,10 @@ def online_hadamard(x: torch.Tensor) -> torch.Tensor:
     k, p = f
     A = _kfactor(k).to(device=x.device, dtype=x.dtype)
     B = sylvester(p).to(device=x.device, dtype=x.dtype)
-    X = x.reshape(*x.shape[:-1], k, p)
-    Y = torch.matmul(X, B)  # [..., k, p] · H_p
+    # [rows, p] · H_p as one 2-D matmul: a strided input (queries and keys after RoPE are a
+    # transposed view) reshaped to [..., k, p] made torch.matmul expand H_p into one p × p copy
+    # per row and run a batched matmul (92 % of a QuaRot W4A4 forward on CPU, measured)
+    Y = (x.reshape(-1, p) @ B).view(*x.shape[:-1], k, p)
     if k > 1:
         Y = torch.matmul(A.T, Y)  # H_kᵀ · [..., k, p]
     return (Y * (1.0 / n ** 0.5)).reshape(x.shape)

@@ -42,6 +42,7 @@ saturates it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,7 +53,8 @@ from ..errors import ConfigError
 __all__ = [
     "GRANULARITIES", "flag_bits", "max_shift", "sdr_quantize", "sdr_encode", "sdr_decode",
     "razor_shift", "razor_codes",
-    "base_scale", "base_quantize", "base_qparams", "base_integers", "sdr_fake_quant", "effective_bits", "TIES",
+    "base_scale", "base_quantize", "base_qparams", "base_integers", "sdr_fake_quant",
+    "sdr_fake_quant_reference", "effective_bits", "TIES",
 ]
 
 #: how a razored magnitude's dropped bits round: half to even (the seed) or half up (the paper)
@@ -84,15 +86,34 @@ def _pad_last(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     return x, n
 
 
+#: below 2^24 every integer is exact in fp32, so its bit length is frexp's exponent
+_F32_EXACT = 1 << 24
+
+
 def _bit_length(m: torch.Tensor) -> torch.Tensor:
-    """Leading-one position + 1 of non-negative int64 ``m`` (0 for 0)."""
-    L = torch.zeros_like(m)
-    for k in range(63):
-        hit = m >= (1 << k)
-        if not bool(hit.any()):
-            break
-        L += hit.to(L.dtype)
-    return L
+    """Leading-one position + 1 of non-negative int64 ``m`` (0 for 0).
+
+    Integers below 2^24 (every base this module quantizes to: int8, int16) are exact in fp32,
+    where ``frexp``'s exponent is the bit length (``m = mantissa · 2^e``, mantissa in [0.5, 1),
+    exponent 0 for 0): one pass. Larger values take the comparison loop."""
+    if m.numel() and int(m.max()) >= _F32_EXACT:
+        L = torch.zeros_like(m)
+        for k in range(63):
+            hit = m >= (1 << k)
+            if not bool(hit.any()):
+                break
+            L += hit.to(L.dtype)
+        return L
+    return torch.frexp(m.float()).exponent.to(m.dtype)
+
+
+def _check_razor(bits: int, group_size: int, ties: str) -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits}: razoring keeps 2..8 bits (sign + magnitude)")
+    if group_size < 1:
+        raise ConfigError(f"group_size={group_size}: must be ≥ 1")
+    if ties not in TIES:
+        raise ConfigError(f"ties={ties!r}: allowed values are {', '.join(TIES)}")
 
 
 def sdr_encode(x_int: torch.Tensor, bits: int, group_size: int, ties: str = "even"
@@ -102,12 +123,7 @@ def sdr_encode(x_int: torch.Tensor, bits: int, group_size: int, ties: str = "eve
     ``codes`` are signed in ``[-(2^(bits-1)-1), 2^(bits-1)-1]``; the razored value is
     ``codes << shifts`` (per group). ``ties``: ``even`` (half to even) or ``up`` (half up).
     """
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits={bits}: razoring keeps 2..8 bits (sign + magnitude)")
-    if group_size < 1:
-        raise ConfigError(f"group_size={group_size}: must be ≥ 1")
-    if ties not in TIES:
-        raise ConfigError(f"ties={ties!r}: allowed values are {', '.join(TIES)}")
+    _check_razor(bits, group_size, ties)
     xi = x_int.to(torch.int64)
     xp, n = _pad_last(xi, group_size)
     lead = xp.shape[:-1]
@@ -219,7 +235,62 @@ def sdr_fake_quant(x: torch.Tensor, bits: int, group_size: int, base_bits: int =
     + SDR to ``bits`` per group; dequantized, same dtype as ``x``. ``bits >= 16`` returns ``x``;
     ``bits >= base_bits`` skips the razoring (plain base quantization). ``scale`` overrides the
     dynamic symmetric scale. Usable on K/V tensors ``[..., head_dim]`` (groups along the last
-    axis) as on activations and weights."""
+    axis) as on activations and weights.
+
+    Computed in fp32, in place on one buffer: the base integers (|·| < 2^16 for base_bits ≤ 16)
+    and every razoring step (division by a power of two, round, clamp, multiplication by the
+    power of two) are exact in fp32, so the result is bit-identical to the integer reference
+    :func:`sdr_fake_quant_reference` (tested); the group shift is the bit length of the group's
+    largest magnitude, read from ``frexp``. Bases wider than 23 bits take the reference."""
+    if bits >= 16:
+        return x
+    if base_bits > 23:
+        return sdr_fake_quant_reference(x, bits, group_size, base_bits, granularity, scale, sym, ties)
+    razor = bits < base_bits
+    if razor:
+        _check_razor(bits, group_size, ties)
+    # the one working buffer: every step below is in place on it (on CPU a fresh tensor of this
+    # size costs more in page faults than the arithmetic)
+    t = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    zero = None
+    if scale is None:
+        scale, zero = base_qparams(t, base_bits, granularity, sym)
+    t.div_(scale).round_()
+    if zero is None:
+        maxq = 2 ** (base_bits - 1) - 1
+        t.clamp_(-maxq, maxq)
+    else:  # the asymmetric codes' offsets from the zero point (base_integers)
+        t.add_(zero).clamp_(0, 2 ** base_bits - 1).sub_(zero)
+    if razor:
+        n = t.shape[-1]
+        tp = F.pad(t, (0, (-n) % group_size)) if n % group_size else t
+        tg = tp.view(*tp.shape[:-1], -1, group_size)
+        mag = tg.abs().amax(-1)  # faster than aminmax over short groups (measured)
+        shift = (torch.frexp(mag).exponent - (bits - 1)).clamp_(min=0)
+        step = _pow2(t.device)[shift.long()].unsqueeze(-1)  # 2^shift, exact
+        tg.div_(step)
+        if ties == "even":
+            tg.round_()  # torch.round: half to even, symmetric in the sign
+        else:  # half up on the magnitude: sign · floor(|v| + 1/2)
+            sgn = torch.sign(tg)
+            tg.abs_().add_(0.5).floor_().mul_(sgn)
+        qmax = 2 ** (bits - 1) - 1
+        tg.clamp_(-qmax, qmax).mul_(step)
+        t = tp[..., :n] if tp is not t else t
+    return t.mul_(scale).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _pow2(device: torch.device) -> torch.Tensor:
+    """2^0 .. 2^63 in fp32 (exact) on ``device``: the razoring step of each shift."""
+    return torch.tensor([2.0 ** k for k in range(64)], dtype=torch.float32, device=device)
+
+
+def sdr_fake_quant_reference(x: torch.Tensor, bits: int, group_size: int, base_bits: int = 8,
+                             granularity: str = "per_token", scale: torch.Tensor | None = None,
+                             sym: bool = True, ties: str = "even") -> torch.Tensor:
+    """:func:`sdr_fake_quant` on int64 integers, step by step (base integers, ``sdr_quantize``,
+    dequantization): the plain reference the fp32 fast path is tested and benchmarked against."""
     if bits >= 16:
         return x
     zero = None
