@@ -172,24 +172,32 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec
         orig = perm.tolist() if perm is not None else list(range(in_f))
         pos = torch.argsort(perm).tolist() if perm is not None else list(range(in_f))
         r_shift = torch.full((out_f, in_f // rg), -1, dtype=torch.int64, device=W.device)
+    # Per column only what the error feedback needs; codes and losses are written per lazy block
+    # (codes[:, block] from the block's integer values, losses from Err1 = (w - q̂)/d, so
+    # Σ(w - q̂)²/d²/2 = Σ Err1²/2). Same arithmetic for codes, scales and weights as the reference.
+    g_cur = -1
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
         count = i2 - i1
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        dinv = Hinv1.diagonal().tolist() if razor is None else None
         for i in range(count):
             col = i1 + i
             w = W1[:, i]
-            d = Hinv1[i, i]
+            d = Hinv1[i, i] if dinv is None else dinv[i]
             if grouped and not static_groups and col % gs == 0:
                 need = gs - (count - i)  # columns of this group beyond the current lazy block
                 cols = W1[:, i:i + gs] if need <= 0 else torch.cat([W1[:, i:], W[:, i2:i2 + need]], 1)
                 g = col // gs
                 scales[:, g], zeros[:, g] = group_qparams(cols, spec, mse)
-            if s is None or grouped:
-                g = col_group[col] if grouped else 0
+                g_cur = -1  # this group's parameters were just (re)computed
+            g = col_group[col] if grouped else 0
+            if g != g_cur:
                 s, z = scales[:, g], zeros[:, g]
+                g_cur = g
             q = torch.clamp(torch.round(w / s) + z, qmin, maxq)
             if razor is not None:
                 r = orig[col] // rg
@@ -201,12 +209,12 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec
                     r_shift[:, r] = razor_shift(ints.abs().amax(1), razor.bits)
                 sh = r_shift[:, r]
                 q = (razor_codes(q - z, sh, razor.bits, razor.ties) << sh).to(q.dtype) + z
-            codes[:, col] = q.to(torch.uint8)
-            qd = (q - z) * s
-            losses += (w - qd) ** 2 / d ** 2 / 2
-            err1 = (w - qd) / d
-            W1[:, i:] -= err1.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Q1[:, i] = q
+            err1 = (w - (q - z) * s) / d
+            W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err1
+        codes[:, i1:i2] = Q1.to(torch.uint8)
+        losses += Err1.square().sum(1) / 2
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
     g_idx = None
