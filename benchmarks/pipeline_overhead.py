@@ -4,9 +4,13 @@ Reads, for every job of a run directory (an ``output_dir``), Snakemake's benchma
 (``benchmarks/out/**.tsv``: the job's wall time as Snakemake saw it) and the phases the job wrapper
 wrote beside the job's log (``logs/**.timing.json``, see ``qbench.workflow.job``):
 
-* ``startup``  interpreter start, Snakemake's script preamble, importing ``qbench.workflow``;
-* ``imports``  torch and ``qbench.api`` (and through it transformers);
-* ``load``     reading the model / checkpoint (transformers' model code is imported lazily here);
+* ``startup``  interpreter start, Snakemake's script preamble, importing ``qbench.workflow`` (light:
+  no torch);
+* ``imports``  torch, ``qbench.api`` (and through it transformers' base package) and transformers'
+  modeling code (``transformers.modeling_utils``, with the ``torch._dynamo``, sympy and scipy it
+  pulls in) — printed separately under the table (timing files written before that split count
+  their model-code import in ``load`` and torch in ``startup``);
+* ``load``     reading the model / checkpoint;
 * ``save``     writing a checkpoint;
 * ``compute``  the job body minus load and save: the pure work;
 * ``rest``     wall − everything above: Snakemake's job launch and the interpreter's exit.
@@ -31,6 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PHASES = ("startup", "imports", "load", "save", "compute", "rest")
+IMPORTS = ("import_torch", "import_qbench", "import_model_code")
 
 
 def job_phases(tsv: Path, timing: Path | None) -> dict:
@@ -39,14 +44,16 @@ def job_phases(tsv: Path, timing: Path | None) -> dict:
         row = next(csv.DictReader(f, delimiter="\t"))
     wall = float(row["s"])
     if timing is None or not timing.exists():
-        return {"wall": wall, "compute": wall, "cpu": None, **{p: 0.0 for p in PHASES if p != "compute"}}
+        return {"wall": wall, "compute": wall, "cpu": None,
+                **{p: 0.0 for p in PHASES + IMPORTS if p != "compute"}}
     t = json.loads(timing.read_text())
     startup, imports = float(t.get("startup") or 0.0), float(t.get("imports") or 0.0)
     load, save, body = float(t.get("load") or 0.0), float(t.get("save") or 0.0), float(t["body"])
     compute = max(0.0, body - load - save)
     rest = max(0.0, wall - startup - imports - body)
     return {"wall": wall, "startup": startup, "imports": imports, "load": load, "save": save,
-            "compute": compute, "rest": rest, "cpu": t.get("cpu")}
+            "compute": compute, "rest": rest, "cpu": t.get("cpu"),
+            **{k: float(t.get(k) or 0.0) for k in IMPORTS}}
 
 
 def collect(run_dir: Path) -> dict[str, list[dict]]:
@@ -87,6 +94,10 @@ def main(argv=None) -> None:
           f"{total['startup']:.0f}, imports {total['imports']:.0f}, load {total['load']:.0f}, "
           f"save {total['save']:.0f}, launch/exit {total['rest']:.0f}); per job "
           f"{over / max(n_jobs, 1):.1f} s overhead")
+    imp = {k: sum(r[k] for rows in jobs.values() for r in rows) for k in IMPORTS}
+    if any(imp.values()):
+        print("imports: " + ", ".join(f"{k[len('import_'):]} {v:.0f} s" for k, v in imp.items())
+              + f" (per job {sum(imp.values()) / max(n_jobs, 1):.1f} s)")
     cpu = [r["cpu"] for rows in jobs.values() for r in rows if r.get("cpu") is not None]
     if cpu:  # load-independent: what the run costs on an idle machine, before packing into cores
         print(f"job CPU time (user+system, {len(cpu)} of {n_jobs} jobs recorded it): {sum(cpu):.0f} s "

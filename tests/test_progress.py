@@ -85,3 +85,27 @@ def test_default_and_full_calibration_sizes():
     res = resolve_config(cfg)
     assert res["recipes"]["w3-gptq-g64"][0]["gptq"]["nsamples"] == 16
     assert res["recipes"]["w3-awq-g64"][0]["awq"]["nsamples"] == 16
+
+
+def test_job_wrapper_times_the_import_phases_and_workflow_import_is_light(tmp_path):
+    """``import qbench.workflow`` (every job's startup, and the Snakefile's) pulls in neither torch
+    nor transformers; the job wrapper times them as phases in the job's timing file."""
+    import json
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    probe = ("import sys, qbench.workflow; "
+             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+    from qbench.workflow import job
+
+    smk = SimpleNamespace(log=[str(tmp_path / "j.log")], rule="eval_ppl", threads=1, resources={})
+    with job(smk):
+        pass
+    t = json.loads((tmp_path / "j.timing.json").read_text())
+    parts = [t["import_torch"], t["import_qbench"], t["import_model_code"]]
+    assert all(p >= 0 for p in parts) and abs(t["imports"] - sum(parts)) < 1e-9
+    assert t["job"] == "eval_ppl" and t["body"] >= 0 and t["cpu"] > 0

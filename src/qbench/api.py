@@ -178,7 +178,7 @@ def evaluate_ppl(path: str | Path, corpora: dict[str, str], outputs: dict[str, s
     check_seqlen(path, seqlen, "eval.ppl.seqlen")
     protocols = check_kv_protocols(kv_protocol)
     device = pick_device(device)
-    model, _, manifest = load_for_eval(path, dtype=dtype, device=device)
+    model, _, manifest = load_for_eval(path, dtype=dtype, device=device, tokenizer=False)
     has_kv = use_kv_protocol(model, protocols[0]) is not None
     records = {}
     for name, cdir in corpora.items():

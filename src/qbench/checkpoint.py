@@ -176,8 +176,10 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
 
 
 def load_checkpoint(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
-                    attach_runtime: bool = True):
-    """Load ``(model, tokenizer, manifest)``; verifies hashes before reading any tensor."""
+                    attach_runtime: bool = True, tokenizer: bool = True):
+    """Load ``(model, tokenizer, manifest)``; verifies hashes before reading any tensor.
+    ``tokenizer=False``: the tokenizer is None (not loaded: ~0.8 s a job that scores token ids
+    does not need)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
@@ -221,5 +223,5 @@ def load_checkpoint(path: str | Path, *, dtype: str = "float32", device: str = "
             m = get_method(st.method)
             if m.runtime:
                 m.attach(model, st.config)
-    tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    tok = AutoTokenizer.from_pretrained(path) if tokenizer and (path / "tokenizer_config.json").exists() else None
     return model, tok, manifest

@@ -38,11 +38,13 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
-def load_for_eval(path: str | Path, *, dtype: str = "float32", device: str = "cpu"):
+def load_for_eval(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
+                  tokenizer: bool = True):
     """Load a qbench checkpoint or a plain HF model directory: ``(model, tokenizer, manifest)``;
     the manifest gains ``backend``: which kernels the packed modules run on this device. A
     checkpoint is only ever loaded through its manifest: a directory that looks like one but has
-    none is refused (:func:`qbench.checkpoint.refuse_manifestless_checkpoint`)."""
+    none is refused (:func:`qbench.checkpoint.refuse_manifestless_checkpoint`). ``tokenizer=False``:
+    a qbench checkpoint's tokenizer is not loaded (None), for evaluations on token ids."""
     from .modules.backend import model_backend
     from .progress import timed
 
@@ -54,7 +56,7 @@ def load_for_eval(path: str | Path, *, dtype: str = "float32", device: str = "cp
     refuse_manifestless_checkpoint(path)
     with timed("load"):
         if is_checkpoint(path):
-            model, tok, manifest = load_checkpoint(path, dtype=dtype, device=device)
+            model, tok, manifest = load_checkpoint(path, dtype=dtype, device=device, tokenizer=tokenizer)
         else:
             from .models.loading import load_model
 

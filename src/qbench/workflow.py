@@ -1,5 +1,10 @@
 """Glue between Snakemake and the library: config resolution (checked before any job) and the job
-context every ``workflow/scripts/*.py`` uses (log redirection, threads, GPU slot)."""
+context every ``workflow/scripts/*.py`` uses (log redirection, threads, GPU slot).
+
+Importing this module is light (no torch, no transformers): a job's ``startup`` phase is the
+interpreter, Snakemake's script preamble and this module; the heavy imports are timed by
+:func:`job` as their own phases (``imports``: ``import_torch``, ``import_qbench``,
+``import_model_code``)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,6 @@ from pathlib import Path
 
 from .defaults import section as default_section
 from .errors import ConfigError
-from .methods.base import CalibArgs, get_method, parse_recipe
 from .fsutil import atomic_json
 from .progress import PHASES, Heartbeat, job_label, process_age
 
@@ -42,6 +46,8 @@ def with_calibration(raw, defaults: dict | None):
     to report)."""
     if not defaults or not isinstance(raw, list):
         return raw
+    from .methods.base import CalibArgs, get_method
+
     out = []
     for st in raw:
         if isinstance(st, str):
@@ -61,6 +67,8 @@ def with_calibration(raw, defaults: dict | None):
 
 def resolve_config(config: dict) -> dict:
     """Validate cross-references and resolve every recipe; raise ConfigError naming the key."""
+    from .methods.base import get_method, parse_recipe
+
     for name, m in config.get("models", {}).items():
         _check_source(MODEL_SOURCES, m.get("source", {}), f"models.{name}.source")
     corpora = config.get("corpora", {})
@@ -124,6 +132,7 @@ def _check_seqlens(config: dict, models: list[str], recipes: dict[str, list[dict
     """Token lengths against each model's maximum positions, where its ``config.json`` can be read
     without work (a ``local`` source, or the model already prepared under ``resources/models``);
     the jobs check again before loading weights (:func:`qbench.models.loading.check_seqlen`)."""
+    from .methods.base import get_method, parse_recipe
     from .models.loading import check_seqlen, max_positions_of
 
     ev = config.get("eval") or {}
@@ -278,15 +287,38 @@ def process_cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _timed_imports(model_code: bool):
+    """Import what job bodies use, each part timed into ``PHASES``: ``import_torch``;
+    ``import_qbench`` (``qbench.api``, and through it transformers' base package);
+    ``import_model_code`` (``transformers.modeling_utils``: what building any model imports —
+    with ``torch._dynamo``, sympy and scipy it pulls in —, otherwise paid inside the first model
+    load); ``imports`` is their sum. Returns the torch module."""
+    t0 = time.perf_counter()
+    import torch
+
+    t1 = time.perf_counter()
+    from . import api  # noqa: F401 - the library every job body uses
+
+    t2 = time.perf_counter()
+    if model_code:
+        import transformers.modeling_utils  # noqa: F401
+    t3 = time.perf_counter()
+    PHASES.update(import_torch=t1 - t0, import_qbench=t2 - t1, import_model_code=t3 - t2, imports=t3 - t0)
+    return torch
+
+
 @contextlib.contextmanager
-def job(smk, gpu: bool = False):
+def job(smk, gpu: bool = False, model_code: bool = True):
     """Run a script's body with stdout/stderr and logging sent to the rule's log file, the thread
     count applied, and (for GPU rules) a GPU slot claimed before CUDA is initialised.
 
     A user error (:func:`qbench.errors.user_error_line`: a bad value, a missing or unreadable
     file, a non-finite value, a refused checkpoint, a full disk) ends the job with one line,
     ``qbench: error in rule <rule>: ...``, on the terminal and in the log, and exit status 1;
-    any other exception keeps its traceback (in the log)."""
+    any other exception keeps its traceback (in the log).
+
+    ``model_code=False``: a rule that builds no model (corpora, reports) does not import
+    transformers' modeling code up front."""
     from .errors import user_error_line
 
     log_path = Path(str(smk.log[0])) if smk.log else None
@@ -306,12 +338,7 @@ def job(smk, gpu: bool = False):
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
             print("[qbench] device slot: cpu (runtime.gpus: 0)")
         startup = process_age()  # interpreter start, Snakemake's preamble, importing this module
-        t_imports = time.perf_counter()
-        import torch
-
-        from . import api  # noqa: F401 - the library every job body uses, timed as an import
-
-        PHASES["imports"] = time.perf_counter() - t_imports
+        torch = _timed_imports(model_code)
         torch.set_num_threads(max(1, int(smk.threads)))
         runtime = (getattr(smk, "config", None) or {}).get("runtime") or {}
         label = job_label(getattr(smk, "rule", "job"), getattr(smk, "wildcards", None))

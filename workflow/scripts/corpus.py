@@ -4,7 +4,7 @@ from pathlib import Path
 
 from qbench.workflow import job
 
-with job(snakemake):  # noqa: F821 - injected by Snakemake
+with job(snakemake, model_code=False):  # noqa: F821 - injected by Snakemake (builds no model)
     from qbench import api
 
     smk = snakemake  # noqa: F821

@@ -1,7 +1,7 @@
 """Snakemake script: reports/README.md over every model's report."""
 from qbench.workflow import job
 
-with job(snakemake):  # noqa: F821 - injected by Snakemake
+with job(snakemake, model_code=False):  # noqa: F821 - injected by Snakemake (builds no model)
     from qbench import api
 
     smk = snakemake  # noqa: F821

@@ -198,7 +198,7 @@ def evaluate_speed(path, out_json=None, *, prefill: int = _DEFAULT["prefill"], p
     from ..records import base_record, load_for_eval, pick_device, write_record
 
     device = pick_device(device)
-    model, _, manifest = load_for_eval(path, dtype=dtype, device=device)
+    model, _, manifest = load_for_eval(path, dtype=dtype, device=device, tokenizer=False)
     res = measure_speed(model, device=device, prefill=prefill, prompt=prompt, steps=steps,
                         batches=tuple(batches), repeats=repeats)
     dev = res.get("gpu") or f"cpu ({res['threads']} threads)"

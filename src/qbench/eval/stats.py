@@ -162,8 +162,8 @@ def evaluate_stats(fp_path: str | Path, q_path: str | Path, out_json: str | Path
     ids = (windows(load_tokens(corpus_dir, "test"), seqlen, n_windows) if split == "test"
            else sample_calibration(corpus_dir, n_windows, seqlen, seed))
     t0 = time.perf_counter()
-    fp_model, _, _ = load_for_eval(fp_path, dtype=dtype, device=device)
-    q_model, _, manifest = load_for_eval(q_path, dtype=dtype, device=device)
+    fp_model, _, _ = load_for_eval(fp_path, dtype=dtype, device=device, tokenizer=False)
+    q_model, _, manifest = load_for_eval(q_path, dtype=dtype, device=device, tokenizer=False)
     transformed = reference_in_recipe_basis(fp_model, manifest.get("recipe", []))
     rescaling = [d["method"] for d in descriptor_of(manifest)["stages"] if d.get("rescales_weights")]
     primary = "rescaled" if rescaling else "plain"
