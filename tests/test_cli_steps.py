@@ -248,7 +248,7 @@ def test_command_defaults_are_the_pipelines():
         assert {a.dest: a.default for a in sub[cmd]._actions}["dtype"] == defaults.RUNTIME["quantize_dtype"]
 
 
-def test_configfile_gives_the_steps_settings_of_a_pipeline_config():
+def test_configfile_gives_the_steps_settings_of_a_pipeline_config(tmp_path):
     """``--configfile`` (laid over config.yaml as Snakemake does): the options default to what the
     rule would pass; options on the command line still win."""
     from qbench.cli import parse_args
@@ -256,6 +256,14 @@ def test_configfile_gives_the_steps_settings_of_a_pipeline_config():
     cfg = defaults.settings(__import__("yaml").safe_load((ROOT / "config.yaml").read_text()), "eval.ppl")
     a = parse_args(["eval", "ppl", "--configfile", str(ROOT / "config.yaml"), "--model", "m", "--text", "t"])
     assert (a.max_windows, a.dtype, a.seqlen) == (cfg["max_windows"], cfg["dtype"], cfg["seqlen"])
+    assert a.kv_protocol == cfg["kv_protocol"]
+    decode_first = tmp_path / "decode.yaml"
+    decode_first.write_text("eval: {ppl: {corpora: [wiki], kv_protocol: [decode, prefill_quant]}}\n")
+    a = parse_args(["eval", "ppl", "--configfile", str(decode_first), "--model", "m", "--text", "t"])
+    assert a.kv_protocol == ["decode", "prefill_quant"]
+    a = parse_args(["eval", "ppl", "--configfile", str(decode_first), "--model", "m", "--text", "t",
+                    "--kv-protocol", "prefill_quant"])
+    assert a.kv_protocol == ["prefill_quant"]  # given on the command line: replaces, never appends
     smoke = str(ROOT / "configs/smoke.yaml")
     a = parse_args(["eval", "chat", "--configfile", smoke, "--model", "m", "--out", "o"])
     assert (a.max_new_tokens, a.dtype) == (8, "float32")
