@@ -29,25 +29,26 @@ def test_our_values_are_read_from_the_records(records):
     fp_wiki = ppl_of(records, "fp", "wiki")
     assert our_value(records, "fp", "ppl:wiki") == pytest.approx(fp_wiki) and 10 < fp_wiki < 40
     tasks = records[(records.kind == "tasks") & (records.recipe == "fp")].iloc[0]
-    assert our_value(records, "fp", "acc:qbench_mmlu") == pytest.approx(100 * tasks["qbench_mmlu/acc"])
-    avg = our_value(records, "fp", "avg:qbench_mmlu+qbench_cloze_wiki")
-    assert avg == pytest.approx(50 * (tasks["qbench_mmlu/acc"] + tasks["qbench_cloze_wiki/acc"]))
+    # the default scores one accuracy task (the last-word cloze; MMLU is in the full study)
+    assert our_value(records, "fp", "acc:qbench_cloze_wiki") == pytest.approx(100 * tasks["qbench_cloze_wiki/acc"])
+    avg = our_value(records, "fp", "avg:qbench_cloze_wiki")
+    assert avg == pytest.approx(100 * tasks["qbench_cloze_wiki/acc"])
     needle = records[(records.kind == "needle") & (records.recipe == "kivi-2")].iloc[0]
     assert our_value(records, "kivi-2", "needle_acc") == pytest.approx(100 * needle["accuracy"])
     assert our_value(records, "fp", "acc:boolq") is None  # not scored in this run
-    assert our_value(records, "fp", "avg:qbench_mmlu+boolq") is None  # an average needs every task
+    assert our_value(records, "fp", "avg:qbench_cloze_wiki+boolq") is None  # an average needs every task
     assert our_value(records, "no-such-recipe", "ppl:wiki") is None
 
 
 def test_compare_flags_beyond_tolerance(records, tmp_path):
     fp, w4 = ppl_of(records, "fp", "wiki"), ppl_of(records, "w4-rtn-g64", "wiki")
-    mmlu_fp = 100 * records[(records.kind == "tasks") & (records.recipe == "fp")]["qbench_mmlu/acc"].iloc[0]
-    mmlu_w8 = 100 * records[(records.kind == "tasks") & (records.recipe == "w3-rtn-g64")]["qbench_mmlu/acc"].iloc[0]
+    cloze_fp = 100 * records[(records.kind == "tasks") & (records.recipe == "fp")]["qbench_cloze_wiki/acc"].iloc[0]
+    cloze_w3 = 100 * records[(records.kind == "tasks") & (records.recipe == "w3-rtn-g64")]["qbench_cloze_wiki/acc"].iloc[0]
     rows = [
         ("t1", M, "fp", "ppl:wiki", fp * 1.01, "fp"),              # ours 1 % below: ok at 3 %
         ("t1", M, "W4 g64", "ppl:wiki", w4 / 1.10, "w4-rtn-g64"),   # ours 10 % above: flagged
-        ("t2", M, "fp", "acc:qbench_mmlu", mmlu_fp + 1.5, "fp"),    # 1.5 points: ok at 2
-        ("t2", M, "W3", "acc:qbench_mmlu", mmlu_w8 - 5.0, "w3-rtn-g64"),  # 5 points: flagged
+        ("t2", M, "fp", "acc:qbench_cloze_wiki", cloze_fp + 1.5, "fp"),    # 1.5 points: ok at 2
+        ("t2", M, "W3", "acc:qbench_cloze_wiki", cloze_w3 - 5.0, "w3-rtn-g64"),  # 5 points: flagged
         ("t2", M, "other", "ppl:wiki", 9.0, "not-run"),             # no record: missing
         ("t3", M, "kernel", "latency_ms:x", 0.1, "fp"),             # not comparable: left out
         ("t1", "Other-Model", "fp", "ppl:wiki", 1.0, "fp"),         # another model: left out
