@@ -183,11 +183,11 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec
         Err1 = torch.zeros_like(W1)
         Q1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        dinv = Hinv1.diagonal().tolist() if razor is None else None
+        diag = Hinv1.diagonal().tolist()  # [H⁻¹]_qq of the block, read once
         for i in range(count):
             col = i1 + i
             w = W1[:, i]
-            d = Hinv1[i, i] if dinv is None else dinv[i]
+            d = diag[i]
             if grouped and not static_groups and col % gs == 0:
                 need = gs - (count - i)  # columns of this group beyond the current lazy block
                 cols = W1[:, i:i + gs] if need <= 0 else torch.cat([W1[:, i:], W[:, i2:i2 + need]], 1)
