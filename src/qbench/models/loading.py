@@ -19,6 +19,8 @@ weights) and returns ``(model, tokenizer)`` in eval mode.
 from __future__ import annotations
 
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -207,6 +209,36 @@ def find_package_file(package: str, file: str) -> Path:
                       f"reinstall it{_hint(package)}")
 
 
+@contextlib.contextmanager
+def _gguf_memo():
+    """Memoise gguf's header parser and tensor-name map for the duration of one preparation.
+
+    transformers parses the GGUF file three times (tokenizer, config, weights: each a
+    ``GGUFReader`` that walks every metadata field, ~49k tokenizer strings) and rebuilds gguf's
+    ``get_tensor_name_map(arch, n_layers)`` once per module it maps (~400 times for SmolLM2); the
+    source-grid measurement parses the file a fourth time. Both are pure functions of their
+    arguments and the file (read-only memmap), so one instance each serves all callers. transformers
+    and qbench import them as ``from gguf import ...`` at call time, so the module attributes are
+    swapped here and restored on exit. Same tensors, same maps: only the repeated work goes.
+    """
+    import gguf
+
+    orig_reader, orig_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = orig_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(orig_map)
+    try:
+        yield readers
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = orig_reader, orig_map
+
+
 def _load_gguf(source: dict):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -309,33 +341,35 @@ def prepare_model(source: dict, out_dir: str | Path, *, progress: bool = True) -
     was_disabled = not hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
+    memo = _gguf_memo() if kind == "gguf-package" else contextlib.nullcontext()
     try:
-        if kind == "gguf-package":
-            model, tokenizer, source_hash = _load_gguf(source)
-        elif kind == "local":
-            path = Path(source["path"]).expanduser()
-            source_hash = _hash_files(_weight_files(path) + [path / "config.json"], path)
-            model, tokenizer = _load_local_dir(path, source.get("dtype", "auto"))
-        else:
-            snap = hf_snapshot(source["repo_id"], source.get("revision"))
-            if not (snap / "config.json").is_file():
-                raise FileNotFoundError(f"model.source.repo_id={source['repo_id']!r}: snapshot {snap} "
-                                        f"has no config.json")
-            source_hash = snap.name  # the commit sha the revision resolved to
-            check_supported(model_type_of(snap))
-            model, tokenizer = _load_local_dir(snap, source.get("dtype", "auto"))
-        check_supported(getattr(model.config, "model_type", ""))  # GGUF: known once parsed
-        with atomic_dir(out_dir) as tmp:
-            _save(model, tokenizer, tmp)
-            card = model_card(model, dict(source), source_hash, tmp)
-            if kind == "gguf-package":  # the grid the "fp" weights already sit on (issue 16)
-                from .source_grid import gguf_tensor_types, source_grid
+        with memo:
+            if kind == "gguf-package":
+                model, tokenizer, source_hash = _load_gguf(source)
+            elif kind == "local":
+                path = Path(source["path"]).expanduser()
+                source_hash = _hash_files(_weight_files(path) + [path / "config.json"], path)
+                model, tokenizer = _load_local_dir(path, source.get("dtype", "auto"))
+            else:
+                snap = hf_snapshot(source["repo_id"], source.get("revision"))
+                if not (snap / "config.json").is_file():
+                    raise FileNotFoundError(f"model.source.repo_id={source['repo_id']!r}: snapshot {snap} "
+                                            f"has no config.json")
+                source_hash = snap.name  # the commit sha the revision resolved to
+                check_supported(model_type_of(snap))
+                model, tokenizer = _load_local_dir(snap, source.get("dtype", "auto"))
+            check_supported(getattr(model.config, "model_type", ""))  # GGUF: known once parsed
+            with atomic_dir(out_dir) as tmp:
+                _save(model, tokenizer, tmp)
+                card = model_card(model, dict(source), source_hash, tmp)
+                if kind == "gguf-package":  # the grid the "fp" weights already sit on (issue 16)
+                    from .source_grid import gguf_tensor_types, source_grid
 
-                grid = source_grid(model.state_dict(), gguf_tensor_types(
-                    find_package_file(source["package"], source["file"])))
-                if grid:
-                    card["source_grid"] = grid
-            write_card(tmp, card)
+                    grid = source_grid(model.state_dict(), gguf_tensor_types(
+                        find_package_file(source["package"], source["file"])))
+                    if grid:
+                        card["source_grid"] = grid
+                write_card(tmp, card)
     finally:
         if not progress and not was_disabled:
             hf_logging.enable_progress_bar()
