@@ -1,7 +1,7 @@
 """Our AWQ against a peer implementation (llm-compressor's AWQModifier) on the default model.
 
 Both get the *same* calibration tokens (``sample_calibration`` of the wiki corpus, by default the
-pipeline's 16 x 512), the same thread count, and are scored with the same perplexity protocol
+pipeline's 8 x 512), the same thread count, and are scored with the same perplexity protocol
 (``qbench.eval.ppl.perplexity``) on the same held-out tokens. Printed: fp / RTN / ours / peer
 perplexities, wall and CPU times of the quantization step, and the ours/peer ratios.
 
@@ -61,7 +61,7 @@ def main(argv=None):
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--n-grid", type=int, default=20)
-    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-seqlen", type=int, default=2048)
