@@ -2,7 +2,7 @@
 # This file only loads and validates the config and includes the rules (see workflow/rules/).
 from snakemake.utils import min_version
 
-from qbench.workflow import check_config_files, or_exit, pin_run_dir, prepare_output_dir, validate_config
+from qbench.workflow import check_config_files, group_recipes, or_exit, pin_run_dir, prepare_output_dir, validate_config
 
 min_version("9.0")
 
@@ -16,6 +16,8 @@ configfile: f"{workflow.basedir}/config.yaml"
 
 
 or_exit(validate_config, config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
+# the default config's recipe order, an overlay's extra recipes beside those of the same method
+config["recipes"] = group_recipes(config.get("recipes") or {}, f"{workflow.basedir}/config.yaml")
 
 
 # Every run writes under its own output directory (`output_dir`, default runs/default; Snakemake's

@@ -157,6 +157,41 @@ def _check_seqlens(config: dict, models: list[str], recipes: dict[str, list[dict
                 raise ConfigError(f"models.{m}: {e}") from None
 
 
+def _first_method(stages):
+    """The method name of a raw recipe's first stage (``{method: args}`` or ``"method"``), else None."""
+    if not isinstance(stages, list) or not stages:
+        return None
+    st = stages[0]
+    if isinstance(st, dict) and len(st) == 1:
+        return next(iter(st))
+    return st if isinstance(st, str) else None
+
+
+def group_recipes(recipes: dict, base_path) -> dict:
+    """``recipes`` in the default config file's order, each recipe an overlay (``--configfile``)
+    adds placed after the last recipe whose first stage uses the same method (the baseline and
+    unknown methods: at the end, in the overlay's order).
+
+    Snakemake merges a ``--configfile``'s keys before those of the Snakefile's ``configfile:``, so
+    with ``select.recipes`` empty (the full study) the tables would otherwise list the overlay's
+    recipes first and the default's after them."""
+    base = []
+    if base_path and Path(base_path).is_file():
+        from .yamlio import load_yaml_file
+
+        base = list(((load_yaml_file(base_path) or {}).get("recipes") or {}))
+    if not base:
+        return recipes
+    order = [r for r in base if r in recipes]
+    for r in recipes:
+        if r in order:
+            continue
+        m = _first_method(recipes[r])
+        same = [i for i, o in enumerate(order) if m is not None and _first_method(recipes[o]) == m]
+        order.insert(same[-1] + 1 if same else len(order), r)
+    return {r: recipes[r] for r in order}
+
+
 def check_config_files(*paths) -> None:
     """Parse every config file strictly (:mod:`qbench.yamlio`): duplicate keys and malformed YAML
     are one error naming the file and line. Snakemake's own loader keeps the last of duplicate keys
