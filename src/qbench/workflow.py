@@ -39,6 +39,15 @@ def _check_source(kind_allowed, src: dict, key: str) -> None:
 CALIBRATION_KEYS = ("calib", "nsamples", "seqlen", "seed")
 
 
+def _raw_stage(st):
+    """``(method, args)`` of a raw recipe stage (``{method: args}`` or ``"method"``), else None."""
+    if isinstance(st, str):
+        return st, {}
+    if isinstance(st, dict) and len(st) == 1:
+        return next(iter(st.items()))
+    return None
+
+
 def with_calibration(raw, defaults: dict | None):
     """The recipe with the config's run-wide ``calibration`` defaults (corpus, sequences, length,
     seed) filled into every calibrating stage that does not set them itself; other stages and
@@ -50,10 +59,10 @@ def with_calibration(raw, defaults: dict | None):
 
     out = []
     for st in raw:
-        if isinstance(st, str):
-            st = {st: {}}
-        if isinstance(st, dict) and len(st) == 1:
-            (name, args), = st.items()
+        parsed = _raw_stage(st)
+        if parsed is not None:
+            name, args = parsed
+            st = {name: args}
             try:
                 method = get_method(name)
             except ConfigError:
@@ -158,13 +167,9 @@ def _check_seqlens(config: dict, models: list[str], recipes: dict[str, list[dict
 
 
 def _first_method(stages):
-    """The method name of a raw recipe's first stage (``{method: args}`` or ``"method"``), else None."""
-    if not isinstance(stages, list) or not stages:
-        return None
-    st = stages[0]
-    if isinstance(st, dict) and len(st) == 1:
-        return next(iter(st))
-    return st if isinstance(st, str) else None
+    """The method name of a raw recipe's first stage, else None."""
+    parsed = _raw_stage(stages[0]) if isinstance(stages, list) and stages else None
+    return parsed[0] if parsed else None
 
 
 def group_recipes(recipes: dict, base_path) -> dict:
@@ -182,12 +187,12 @@ def group_recipes(recipes: dict, base_path) -> dict:
         base = list(((load_yaml_file(base_path) or {}).get("recipes") or {}))
     if not base:
         return recipes
+    method = {r: _first_method(stages) for r, stages in recipes.items()}
     order = [r for r in base if r in recipes]
     for r in recipes:
         if r in order:
             continue
-        m = _first_method(recipes[r])
-        same = [i for i, o in enumerate(order) if m is not None and _first_method(recipes[o]) == m]
+        same = [i for i, o in enumerate(order) if method[r] is not None and method[o] == method[r]]
         order.insert(same[-1] + 1 if same else len(order), r)
     return {r: recipes[r] for r in order}
 

@@ -234,7 +234,7 @@ def _gguf_memo():
 
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(orig_map)
     try:
-        yield readers
+        yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = orig_reader, orig_map
 
