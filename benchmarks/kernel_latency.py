@@ -5,7 +5,10 @@ m ∈ {1, 4, 16, 64, 256} on Llama-3-8B shapes (4096×4096, 14336×4096, 4096×1
 4096×14336 (the W8A8 prefill target). ``y[m, n] = x[m, k] · W[n, k]ᵀ``; weights are random (speed
 does not depend on values), activations fp16 (tinygemm: bf16, which it requires).
 
-Columns (each the median of warmed-up runs, ``triton.testing.do_bench``, CUDA-event timed):
+Columns (each the GPU time of one call replayed from a captured CUDA graph,
+``triton.testing.do_bench_cudagraph``, so that the host's per-launch cost — which dominates small
+eager calls of Triton kernels — is left out, as in the seed's kernel-time table; a column that
+cannot be captured falls back to eager ``do_bench`` medians and is noted):
 
 * ``fp16``       — ``F.linear`` on a dense fp16 weight (cuBLAS);
 * ``tinygemm``   — ``torch.ops.aten._weight_int4pack_mm``, W4 g128 (where the build has it);
@@ -73,6 +76,7 @@ def plan(smoke: bool) -> list[tuple[str, int, int, int]]:
 class Timer:
     def __init__(self, smoke: bool):
         self.smoke = smoke
+        self.eager: list[str] = []  # what could not be timed from a CUDA graph
 
     def __call__(self, fn) -> float:
         """Median milliseconds of warmed-up runs."""
@@ -86,9 +90,14 @@ class Timer:
             return statistics.median(ts)
         import triton
 
-        fn()  # compile + autotune outside the timed region
+        fn()  # compile + autotune outside the timed region (and outside the graph capture)
         torch.cuda.synchronize()
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        try:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+        except Exception as e:  # noqa: BLE001 - not capturable: time it eagerly and say so
+            torch.cuda.synchronize()
+            self.eager.append(f"{getattr(fn, '__name__', 'fn')}: {type(e).__name__}")
+            return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def copy_bandwidth(dev: str, smoke: bool) -> float:
@@ -282,6 +291,9 @@ def main(argv=None) -> int:
             continue
         cells, errs, nts = run_shape(m, n, k, dev, timer)
         notes.update({f"{c} (m={m} {n}x{k})": v for c, v in nts.items()})
+        if timer.eager:
+            notes[f"timed eagerly (m={m} {n}x{k})"] = "; ".join(timer.eager)
+            timer.eager.clear()
         if "fp16" not in cells:
             continue
         base = cells["fp16"][0]
@@ -314,7 +326,8 @@ def write(out: Path, rows: list, name: str, smoke: bool, bw: float, notes: dict,
             "smoke": smoke, "copy_bandwidth_gbs": bw / 1e9, "torch": torch.__version__,
             "triton": triton.__version__, "cuda": torch.version.cuda, "timing":
             "wall-clock, one run (interpreter)" if smoke else
-            "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)", "notes": notes,
+            "triton.testing.do_bench_cudagraph median (rep 100 ms): GPU time without host launch cost",
+            "notes": notes,
             "not_measured": skipped, "complete": final, "seconds": time.perf_counter() - t0}
     with open(out / "kernel_latency.csv", "w", newline="") as f:
         keys = ["table", "m", "n", "k"] + [f"{c}_{s}" for c in COLUMNS

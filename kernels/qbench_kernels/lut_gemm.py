@@ -19,19 +19,25 @@ the sum of a 16-entry table of the low nibble and one of the high nibble — and
 bytes up with ``tl.gather``. Groups must be a multiple of μ = 8 inputs (every checkpoint qbench
 writes has that; others fall back to the reference).
 
-Deviation: for prefill-sized m (> 16) a table per token costs more than it saves, so a tiled
-kernel rebuilds the weight tile from the planes in registers and uses ``tl.dot`` (the LUT-GEMM
-paper only evaluates small batches).
+Deviation: for prefill-sized m (> 16) a table per token costs more than it saves, so a Triton
+kernel rebuilds the dense weight once in the activation dtype and cuBLAS multiplies (the LUT-GEMM
+paper only evaluates small batches; an earlier fused tile-rebuild + ``tl.dot`` kernel ran 76×
+slower than fp16 at m = 2048 on an H100 and overflowed shared memory with its first config).
+
+The K tile of the table kernel is at most 64 inputs (8 tables): with 128 (16 tables, used for
+per-channel weights) the compiled kernel gave wrong sums on an H100 while the interpreter, which
+never ran that size, agreed with the reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._tiles import grouped_tile, split_k_range
+from ._tiles import split_k_range
 from ._util import check_act_dtype, interpreting, n_splits, split_partials, tuned
 
-__all__ = ["lut_tables_reference", "lut_gemm_reference", "bcq_dequantize_reference", "lut_gemm", "MU"]
+__all__ = ["lut_tables_reference", "lut_gemm_reference", "bcq_dequantize_reference", "bcq_dequantize", "lut_gemm",
+           "MU"]
 
 MU = 8
 LUT_MAX_M = 16
@@ -159,61 +165,39 @@ if triton is not None:
         tl.store(out_ptr + pid_s * stride_os + m * stride_om + offs_n, acc, mask=mn)
 
     @triton.jit
-    def _bcq_gemm_kernel(x_ptr, qp_ptr, a_ptr, z_ptr, out_ptr, M, N, K, group_size,
-                         stride_xm, stride_qq, stride_qn, stride_aq, stride_an, stride_zn, stride_om,
-                         Q: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
-        pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mm = offs_m < M
-        mn = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mk = offs_k < K
-            mask = mk[:, None] & mn[None, :]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=mm[:, None] & mk[None, :], other=0)
-            g = offs_k // group_size
-            wofs = offs_n[None, :] * stride_qn + (offs_k // 32)[:, None]
-            aofs = offs_n[None, :] * stride_an + g[:, None]
-            w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-            for i in tl.static_range(Q):
-                word = tl.load(qp_ptr + i * stride_qq + wofs, mask=mask, other=0)
-                b = ((word >> (offs_k % 32)[:, None]) & 1).to(tl.float32) * 2 - 1
-                a = tl.load(a_ptr + i * stride_aq + aofs, mask=mask, other=0).to(tl.float32)
-                w += a * b
-            if HAS_Z:
-                w += tl.load(z_ptr + offs_n[None, :] * stride_zn + g[:, None], mask=mask,
-                             other=0).to(tl.float32)
-            if IEEE:
-                acc = tl.dot(x, w, acc, input_precision="ieee")
-            elif UPCAST:  # interpreter only (its bf16 dot is wrong): same products, in fp32
-                acc = tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w.to(x.dtype), acc)
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+    def _bcq_dequant_kernel(qp_ptr, a_ptr, z_ptr, out_ptr, N, K, group_size,
+                            stride_qq, stride_qn, stride_aq, stride_an, stride_zn, stride_on,
+                            Q: tl.constexpr, HAS_Z: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Dense ``[N, K]`` weight ``Σ_i α_i b_i (+ z)`` in the output's dtype, a tile a program."""
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+        g = offs_k // group_size
+        wofs = offs_n[None, :] * stride_qn + (offs_k // 32)[:, None]
+        aofs = offs_n[None, :] * stride_an + g[:, None]
+        w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for i in tl.static_range(Q):
+            word = tl.load(qp_ptr + i * stride_qq + wofs, mask=mask, other=0)
+            b = ((word >> (offs_k % 32)[:, None]) & 1).to(tl.float32) * 2 - 1
+            a = tl.load(a_ptr + i * stride_aq + aofs, mask=mask, other=0).to(tl.float32)
+            w += a * b
+        if HAS_Z:
+            w += tl.load(z_ptr + offs_n[None, :] * stride_zn + g[:, None], mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + offs_n[None, :] * stride_on + offs_k[:, None], w.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
     if interpreting():
         _LUT_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4)]
-        _GEMM_CONFIGS = [triton.Config({"BLOCK_N": 32, "GROUP_M": 1}, num_warps=4)]
     else:
         _LUT_CONFIGS = tuned([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
                               for bn, w, s in ((64, 4, 2), (32, 4, 2), (128, 4, 2), (128, 8, 2))])
-        _GEMM_CONFIGS = tuned([triton.Config({"BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=3)
-                               for bn, w in ((128, 4), (64, 4), (128, 8))])
     _LUT = triton.autotune(configs=_LUT_CONFIGS,
                            key=["M", "N", "K", "Q", "HAS_Z", "TILE_IN_GROUP", "BLOCK_K"])(_lut_gemv_kernel)
-    _BCQ_GEMM = triton.autotune(configs=_GEMM_CONFIGS,
-                                key=["N", "K", "Q", "HAS_Z", "BLOCK_M", "BLOCK_K"])(_bcq_gemm_kernel)
 
 
 def _lut_block_k(gs: int, G: int) -> tuple[int, bool]:
-    cap = 64 if interpreting() else 128
+    cap = 64  # 128 compiled wrong on an H100 (see the module docstring)
     if G == 1:
         return cap, True
     bk = cap
@@ -225,7 +209,8 @@ def _lut_block_k(gs: int, G: int) -> tuple[int, bool]:
 def lut_gemm(x: torch.Tensor, qplanes: torch.Tensor, alphas: torch.Tensor,
              offsets: torch.Tensor | None = None, bias: torch.Tensor | None = None,
              split_k: int | None = None, force_lut: bool = False) -> torch.Tensor:
-    """``x [..., K] @ Wᵀ`` for a BCQ weight; LUT form for m ≤ 16 (or ``force_lut``), tiled above."""
+    """``x [..., K] @ Wᵀ`` for a BCQ weight; LUT form for m ≤ 16 (or ``force_lut``), dense weight +
+    cuBLAS above."""
     if triton is None:
         raise RuntimeError("triton is not installed; use lut_gemm_reference")
     check_act_dtype(x)
@@ -262,15 +247,26 @@ def lut_gemm(x: torch.Tensor, qplanes: torch.Tensor, alphas: torch.Tensor,
         s = nsplit(_LUT.best_config.kwargs)
         y = (part[0] if s == 1 else part[:s].sum(0)).to(x.dtype)
     else:
-        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-        bm = 16 if interpreting() else (64 if M <= 64 else 128)
-        bk = 32 if interpreting() else 64
-        grid = lambda meta: (triton.cdiv(M, bm) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _BCQ_GEMM[grid](x2, qplanes, alphas, z, y, M, N, K, gs,
-                        x2.stride(0), qplanes.stride(0), qplanes.stride(1), alphas.stride(0),
-                        alphas.stride(1), zs, y.stride(0),
-                        Q=Q, HAS_Z=has_z, IEEE=x.dtype == torch.float32,
-                        UPCAST=interpreting() and x.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_K=bk)
+        w = bcq_dequantize(qplanes, alphas, offsets, K, x.dtype)
+        return torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x.dtype)).reshape(*lead, N)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, N)
+
+
+def bcq_dequantize(qplanes: torch.Tensor, alphas: torch.Tensor, offsets: torch.Tensor | None, K: int,
+                   dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Dense ``[N, K]`` weight in ``dtype`` (Triton; :func:`bcq_dequantize_reference` rounded once)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed; use bcq_dequantize_reference")
+    Q, N, G = alphas.shape
+    qplanes, alphas = qplanes.contiguous(), alphas.contiguous()
+    has_z = offsets is not None
+    z = offsets.contiguous() if has_z else alphas
+    w = torch.empty((N, K), device=qplanes.device, dtype=dtype)
+    bn, bk = (32, 32) if interpreting() else (64, 64)
+    _bcq_dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
+        qplanes, alphas, z, w, N, K, K // G, qplanes.stride(0), qplanes.stride(1), alphas.stride(0),
+        alphas.stride(1), z.stride(0) if has_z else 0, w.stride(0), Q=Q, HAS_Z=has_z, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=4)
+    return w

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from . import (bcq_dequantize_reference, dequant_gemm, dequant_gemm_reference, dequantize_reference,
-               int8_gemm, int8_gemm_reference, lut_gemm, lut_gemm_reference, quantize_act_int8,
+from . import (PREFILL, bcq_dequantize_reference, dequant_gemm, dequant_gemm_reference, dequantize_reference,
+               int8_gemm, int8_gemm_cublas, int8_gemm_reference, lut_gemm, lut_gemm_reference, quantize_act_int8,
                quantize_act_int8_reference, unpack_int8_words)
 
 K, G = 576, 9  # groups of 64
@@ -38,7 +38,7 @@ LUT_CASES = [(3, 1, 40, G, True, 2), (4, 2, 24, 18, False, None), (3, 19, 24, G,
 ACT_QUANT_CASES = [(True, True), (False, True), (True, False), (False, False)]
 #: (m, N, packed weight words, asymmetric, split_k)
 INT8_CASES = [(1, 40, True, True, 3), (5, 24, False, False, None), (19, 24, True, True, None),
-              (19, 40, False, False, None)]
+              (19, 40, False, False, None), (19, 20, True, True, None)]  # N=20: not cuBLAS-shaped
 
 
 def case_id(case) -> str:
@@ -86,9 +86,10 @@ def check_dequant_gemm(device: str, bits: int, case) -> None:
         x = torch.randn(m, K).to(dt)
         r = dequant_gemm_reference(x, qw, s, z, bits, gi, bias)
         xd, qd, sd, zd, gd, bd = _to(device, x, qw, s, z, gi, bias)
-        y = dequant_gemm(xd, qd, sd, zd, bits, gd, bd, split_k=split)
-        assert y.dtype == dt and y.shape == (m, N), (y.dtype, y.shape)
-        assert_close(y, r, dt, f"dequant_gemm W{bits} {case}")
+        for prefill in PREFILL if m > 16 else PREFILL[:1]:  # m > 16: dense (default) and fused
+            y = dequant_gemm(xd, qd, sd, zd, bits, gd, bd, split_k=split, prefill=prefill)
+            assert y.dtype == dt and y.shape == (m, N), (y.dtype, y.shape)
+            assert_close(y, r, dt, f"dequant_gemm W{bits} {case} {prefill}")
 
 
 def check_lut_gemm(device: str, case) -> None:
@@ -144,8 +145,12 @@ def check_int8_gemm(device: str, case) -> None:
     w = pack(codes, 8) if packed else b
     if packed:
         assert torch.equal(unpack_int8_words(w, K), b), "unpack_int8_words"
-    y = int8_gemm(*_to(device, a, w, sx, sw, cxa, cw), out_dtype=torch.float32, packed=packed, split_k=split)
+    args = _to(device, a, w, sx, sw, cxa, cw)
+    y = int8_gemm(*args, out_dtype=torch.float32, packed=packed, split_k=split)
     assert_close(y, r, torch.float32, f"int8_gemm {case}")
+    if m > 16 and N % 8 == 0:  # the cuBLAS path (torch._int_mm also runs on CPU)
+        assert_close(int8_gemm_cublas(*args, out_dtype=torch.float32, packed=packed), r, torch.float32,
+                     f"int8_gemm_cublas {case}")
 
 
 def all_checks():
