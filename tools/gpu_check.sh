@@ -38,7 +38,8 @@ T0=$SECONDS
 log() { echo "[gpu_check +$((SECONDS - T0))s] $*" | tee -a "$OUT/gpu_check.log"; }
 
 date -u > "$OUT/env.txt"
-{ git rev-parse HEAD 2>/dev/null; nvidia-smi 2>&1; } >> "$OUT/env.txt" || true
+{ echo "git HEAD $(git rev-parse HEAD 2>/dev/null); files differing from it: $(git status --short 2>/dev/null | wc -l)"
+  nvidia-smi 2>&1; } >> "$OUT/env.txt" || true
 if ! "$PY" - >> "$OUT/env.txt" 2>&1 <<'PYEOF'
 import sys
 import torch, triton, transformers
