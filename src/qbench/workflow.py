@@ -360,7 +360,9 @@ def job(smk, gpu: bool = False, model_code: bool = True):
     ``model_code=False``: a rule that builds no model (corpora, reports) does not import
     transformers' modeling code up front."""
     from .errors import user_error_line
+    from .memory import tune_malloc
 
+    tune_malloc()  # before anything sizeable is allocated: freed memory is reused, not page-faulted back
     log_path = Path(str(smk.log[0])) if smk.log else None
     stream = open(log_path, "a", buffering=1) if log_path else None
     old = sys.stdout, sys.stderr
