@@ -281,8 +281,8 @@ def test_defaults_live_once_and_the_schema_agrees():
     assert {"ppl": DEFAULT_TOLERANCE["ppl"], "acc": DEFAULT_TOLERANCE["acc"]} == \
         {k: stated[f"published.tolerance.{k}"] for k in ("ppl", "acc")}
     # every evaluation default the schema states has a Python reader checked above (or is a
-    # rule-only key: runtime resources, the published file, the gpus)
-    rule_only = {k for k in stated if re.match(r"runtime\.(threads|mem_mb|minutes|gpus)|published\.file|\w+$"
+    # rule-only key: runtime resources, the published file, the gpus, the job server)
+    rule_only = {k for k in stated if re.match(r"runtime\.(threads|mem_mb|minutes|gpus|job_server)|published\.file|\w+$"
                                               r"|eval\.\w+\.(recipes|tasks|corpora)$", k)}
     checked = set(python) | {f"eval.tasks.{k}" for k in task_fields} | {
         "published.tolerance.ppl", "published.tolerance.acc", "runtime.progress_seconds"}

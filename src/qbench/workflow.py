@@ -359,9 +359,16 @@ def job(smk, gpu: bool = False, model_code: bool = True):
 
     ``model_code=False``: a rule that builds no model (corpora, reports) does not import
     transformers' modeling code up front."""
+    from . import jobserver
     from .errors import user_error_line
     from .memory import tune_malloc
 
+    if not jobserver.IN_CHILD:  # a running job server (runtime.job_server) runs the job in a warm child
+        code = jobserver.delegate()
+        if code is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     tune_malloc()  # before anything sizeable is allocated: freed memory is reused, not page-faulted back
     log_path = Path(str(smk.log[0])) if smk.log else None
     stream = open(log_path, "a", buffering=1) if log_path else None
@@ -379,7 +386,9 @@ def job(smk, gpu: bool = False, model_code: bool = True):
         elif gpu:  # runtime.gpus: 0 — a GPU rule run on the CPU on purpose
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
             print("[qbench] device slot: cpu (runtime.gpus: 0)")
-        startup = process_age()  # interpreter start, Snakemake's preamble, importing this module
+        # interpreter start, Snakemake's preamble, importing this module (in a job server's child:
+        # the waiting job process's, which went through them)
+        startup = jobserver.CLIENT_STARTUP if jobserver.IN_CHILD else process_age()
         torch = _timed_imports(model_code)
         torch.set_num_threads(max(1, int(smk.threads)))
         runtime = (getattr(smk, "config", None) or {}).get("runtime") or {}
@@ -389,7 +398,7 @@ def job(smk, gpu: bool = False, model_code: bool = True):
             yield
         if log_path:  # phases of this job, for benchmarks/pipeline_overhead.py
             atomic_json(log_path.with_suffix(".timing.json"),
-                        {"job": label, "startup": startup, **PHASES,
+                        {"job": label, "job_server": jobserver.IN_CHILD, "startup": startup, **PHASES,
                          "body": time.perf_counter() - t_body, "cpu": process_cpu()})
     except Exception as e:
         line = user_error_line(e)
