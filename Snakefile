@@ -48,9 +48,10 @@ include: "workflow/rules/report.smk"
 # Local runs start one job server (runtime.job_server, qbench.jobserver): a warm interpreter that
 # has imported torch, qbench and transformers' modeling code once and runs each job in a forked
 # child (the job's own process waits for it), instead of every job paying those imports (~6 s of
-# CPU each). Cluster jobs (and any job that cannot reach it) run in their own processes.
+# CPU each). Cluster jobs (and any job that cannot reach it) run in their own processes, and so
+# do all jobs where they may use a GPU (CUDA must not be touched before fork()).
 onstart:
-    if RUNTIME["job_server"] and workflow.local_exec:
+    if jobserver.wanted(RUNTIME["job_server"], workflow.local_exec, GPUS):
         jobserver.start("logs/job_server.log")
 
 

@@ -103,3 +103,14 @@ def test_without_a_server_the_job_runs_in_its_own_process(tmp_path, monkeypatch)
     rc, _, err = run_job(tmp_path)
     assert rc == 0, err
     assert json.loads((tmp_path / "job.timing.json").read_text())["job_server"] is False
+
+
+def test_a_server_only_for_local_cpu_runs(monkeypatch):
+    from qbench import gpu, jobserver
+
+    assert jobserver.wanted(True, True, 0) and not jobserver.wanted(False, True, 0)
+    assert not jobserver.wanted(True, False, 0)  # cluster executor
+    monkeypatch.setattr(gpu, "physical_gpus", lambda: [])
+    assert jobserver.wanted(True, True, 1)
+    monkeypatch.setattr(gpu, "physical_gpus", lambda: [gpu.Gpu("0", "GPU-aaaa", "H100")])
+    assert not jobserver.wanted(True, True, 1)

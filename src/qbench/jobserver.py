@@ -299,6 +299,20 @@ def _alive(pid: int) -> bool:
 _server: dict = {}
 
 
+def wanted(enabled: bool, local_exec: bool, gpus: int) -> bool:
+    """Whether a run starts a server: ``runtime.job_server`` on, jobs executed on this machine,
+    and no job that may use a GPU (``runtime.gpus`` 0, or no NVIDIA GPU here): a CUDA driver
+    touched in the server before ``fork()`` (transformers' imports may query the devices) does not
+    work in its children, so GPU runs keep one fresh process per job."""
+    if not (enabled and local_exec):
+        return False
+    if gpus == 0:
+        return True
+    from .gpu import physical_gpus
+
+    return not physical_gpus()
+
+
 def start(log_file: str | Path, timeout: float = 120.0) -> str | None:
     """Start a server for this (Snakemake) process and export its socket to the jobs
     (:data:`ENV`); waits until it accepts jobs. Returns the socket path, or None (the jobs then
