@@ -19,6 +19,11 @@ and the job's CPU time (``cpu``: user + system of the job process and its childr
 depend on the machine's load: the sum over jobs, divided by the cores, bounds an idle run's wall time
 from below.
 
+A job run by the job server (``runtime.job_server``, ``qbench.jobserver``; ``job_server: true`` in
+its timing file) is a forked child of a warm interpreter: its ``startup`` is that of the job process
+that waited for it, its ``imports`` are ~0 and its ``cpu`` is the child's; the server's one-off
+preload (``logs/job_server.timing.json``) is printed on its own line.
+
 Prints a table per rule and the totals: the pipeline's summed job time against its summed pure
 compute. Jobs without a timing file (written before the wrapper recorded phases, or the
 ``report`` rules) count as compute. Usage::
@@ -52,7 +57,7 @@ def job_phases(tsv: Path, timing: Path | None) -> dict:
     compute = max(0.0, body - load - save)
     rest = max(0.0, wall - startup - imports - body)
     return {"wall": wall, "startup": startup, "imports": imports, "load": load, "save": save,
-            "compute": compute, "rest": rest, "cpu": t.get("cpu"),
+            "compute": compute, "rest": rest, "cpu": t.get("cpu"), "job_server": t.get("job_server"),
             **{k: float(t.get(k) or 0.0) for k in IMPORTS}}
 
 
@@ -98,6 +103,12 @@ def main(argv=None) -> None:
     if any(imp.values()):
         print("imports: " + ", ".join(f"{k[len('import_'):]} {v:.0f} s" for k, v in imp.items())
               + f" (per job {sum(imp.values()) / max(n_jobs, 1):.1f} s)")
+    served = sum(bool(r.get("job_server")) for rows in jobs.values() for r in rows)
+    server = Path(args.run_dir) / "logs" / "job_server.timing.json"
+    if served or server.is_file():
+        pre = json.loads(server.read_text()) if server.is_file() else {}
+        print(f"job server: {served} of {n_jobs} jobs served; its one-off preload "
+              f"{pre.get('preload', float('nan')):.1f} s wall, {pre.get('cpu', float('nan')):.1f} s CPU")
     cpu = [r["cpu"] for rows in jobs.values() for r in rows if r.get("cpu") is not None]
     if cpu:  # load-independent: what the run costs on an idle machine, before packing into cores
         print(f"job CPU time (user+system, {len(cpu)} of {n_jobs} jobs recorded it): {sum(cpu):.0f} s "

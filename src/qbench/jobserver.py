@@ -183,7 +183,7 @@ def _run_child(req: dict, fds: list[int]) -> None:
         os._exit(code)
 
 
-def serve(path: str, idle: float = IDLE_SECONDS, parent: int | None = None) -> None:
+def serve(path: str, idle: float = IDLE_SECONDS, parent: int | None = None, timing: str | None = None) -> None:
     """Preload, listen on ``path`` and fork a child per job until stopped (SIGTERM), idle for
     ``idle`` seconds, or ``parent`` is gone. A child whose job process went away (killed: its
     connection closed) is killed too, as it would have died with its own process."""
@@ -192,7 +192,13 @@ def serve(path: str, idle: float = IDLE_SECONDS, parent: int | None = None) -> N
     from .memory import tune_malloc
 
     tune_malloc()  # inherited by every child, as an in-process job sets it first thing
+    t0 = time.perf_counter()
     preload()
+    if timing:  # the one-off cost the served jobs no longer pay (benchmarks/pipeline_overhead.py)
+        from .fsutil import atomic_json
+        from .workflow import process_cpu
+
+        atomic_json(timing, {"job": "job_server", "preload": time.perf_counter() - t0, "cpu": process_cpu()})
     sys.stdout.flush()
     sys.stderr.flush()
     stop = []
@@ -324,7 +330,8 @@ def start(log_file: str | Path, timeout: float = 120.0) -> str | None:
     with open(log_file, "ab") as log:
         # in Snakemake's process group (no new session): a signal to the group (Ctrl-C, a kill of
         # the whole run) reaches the server and the jobs it runs, as it reaches in-process jobs
-        proc = subprocess.Popen([sys.executable, "-m", "qbench.jobserver", path, "--parent", str(os.getpid())],
+        proc = subprocess.Popen([sys.executable, "-m", "qbench.jobserver", path, "--parent", str(os.getpid()),
+                                 "--timing", str(log_file.with_suffix(".timing.json"))],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     t0 = time.monotonic()
     while not os.path.exists(path):
@@ -367,8 +374,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("socket")
     ap.add_argument("--idle", type=float, default=IDLE_SECONDS, help="exit after this many seconds without jobs")
     ap.add_argument("--parent", type=int, default=None, help="exit when this process is gone")
+    ap.add_argument("--timing", default=None, help="write the preload's wall and CPU seconds here (JSON)")
     a = ap.parse_args(argv)
-    serve(a.socket, a.idle, a.parent)
+    serve(a.socket, a.idle, a.parent, a.timing)
 
 
 if __name__ == "__main__":
