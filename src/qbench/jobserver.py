@@ -58,6 +58,8 @@ def preload() -> None:
     """What every model-building job imports (:func:`qbench.workflow._timed_imports`)."""
     import torch  # noqa: F401
     import transformers.modeling_utils  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401 - the default model's code (lazy otherwise)
+    from transformers import AutoTokenizer  # noqa: F401
 
     from . import api  # noqa: F401
     from .methods.base import available_methods
