@@ -51,7 +51,8 @@ def run(workdir: Path, overlay: Path, cores: int, server: bool, extra: list[str]
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode:
         raise RuntimeError(f"snakemake failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    timings = [json.loads(f.read_text()) for f in (workdir / "logs").rglob("*.timing.json")]
+    timings = [json.loads(f.read_text()) for f in (workdir / "logs").rglob("*.timing.json")
+               if f.name != "job_server.timing.json"]  # the server's own preload is not a job
     records = {str(f.relative_to(workdir)): _untimed(json.loads(f.read_text())["metrics"])
                for f in (workdir / "results").rglob("ppl-*.json")}
     return {"wall": wall, "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
