@@ -252,7 +252,8 @@ def serve(path: str, idle: float = IDLE_SECONDS, parent: int | None = None, timi
         srv.close()
         try:
             os.unlink(path)
-        except FileNotFoundError:
+            os.rmdir(os.path.dirname(path))  # start()'s private directory (only if empty)
+        except OSError:
             pass
         for pid in running:  # stopped while jobs ran (Snakemake gave up): they end with it
             _kill(pid, signal.SIGTERM)
