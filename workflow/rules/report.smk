@@ -44,7 +44,6 @@ rule report:
         readme="reports/{model}/README.md",
     params:
         recipes=RECIPES,
-        kernels_dir=KERNELS_DIR,
         orderings=json.dumps(config.get("orderings") or [], sort_keys=True),
         published=lambda wc: json.dumps({k: v for k, v in published_for(wc.model).items() if k != "file"},
                                         sort_keys=True),
