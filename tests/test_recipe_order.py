@@ -33,3 +33,22 @@ def test_full_study_lists_the_default_recipes_first_in_their_order():
     assert [r for r in out if r in base] == [r for r in base]
     i = out.index("w3-gptq")
     assert next(iter(merged[out[i - 1]][0])) == "gptq"  # beside another GPTQ recipe
+
+
+def test_schedule_priorities_put_long_jobs_first():
+    """Longest first: the perplexity job of W4A4+KV4 (two KV protocols, activation quantizers)
+    before KIVI-2's, before W8A8's, before a weight-only recipe's; every checkpoint before any
+    evaluation, calibrating ones (and what they wait for) first."""
+    import yaml
+
+    from qbench.workflow import PRIORITY, ppl_priority, resolve_config
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    rec = resolve_config(cfg)["recipes"]
+    order = [ppl_priority(rec[r]) for r in ("w4a4kv4-qrazor-g16", "kivi-2", "w8a8-rtn", "w4-rtn-g64")]
+    assert order == [3, 2, 1, 0]
+    acts = {r for r in cfg["select"]["recipes"] if ppl_priority(rec[r]) == 1}
+    assert acts == {"w8a8-rtn", "w8a8-sq", "w8a8-llm-int8", "w8a8-fp8", "w4-8a8-zq-lkd", "w4a4-qrazor-g16",
+                    "w4a4-quarot-rtn"}
+    evals = [v for k, v in PRIORITY.items() if k.startswith("eval_")] + [3]
+    assert PRIORITY["calib"] >= PRIORITY["quantize_calib"] > PRIORITY["quantize"] > max(evals)

@@ -197,6 +197,38 @@ def group_recipes(recipes: dict, base_path) -> dict:
     return {r: recipes[r] for r in order}
 
 
+#: Snakemake priorities (higher runs first among ready jobs): the longest jobs first, so that a
+#: 2-core run does not end with one long job alone on the machine. Calibrating quantizers (AWQ,
+#: GPTQ, SpQR, LKD, KVQuant, ...) and what they wait for (corpora, calibration statistics) gate the
+#: longest chains; every other checkpoint comes before the
+#: evaluations, because an evaluation's length depends on its recipe (below) and the long ones
+#: must not wait behind a late quantize job; then the evaluations, longest kinds first.
+PRIORITY = {"calib": 10, "quantize_calib": 10, "quantize": 6, "eval_tasks": 5, "eval_kv": 5, "eval_stats": 1,
+            "eval_speed": 1, "eval_chat": 0}
+
+
+def ppl_priority(stages: list[dict]) -> int:
+    """Priority of a recipe's perplexity job (0..3): a KV-cache stage scores every window under
+    two protocols (×2 the forwards), fake-quantized activations add their quantizers to every
+    forward — on the default run 7–9 s of CPU per corpus for weight-only recipes, 15–16 s with
+    W8A8 activations, 16 s for KIVI-2 and 35 s for W4A4 + KV4."""
+    from .methods.base import get_method
+
+    kv = acts = False
+    for st in stages or []:
+        for name, args in st.items():
+            kind, args = get_method(name).kind, args or {}
+            kv = kv or kind == "kv"
+            if kind in ("weight_act", "activation"):  # unless the stage leaves activations alone
+                if "a_bits" in args:
+                    acts = acts or args["a_bits"] < 16
+                elif "a_format" in args:
+                    acts = acts or args["a_format"] not in (None, "none")
+                else:  # LLM.int8(): the outlier decomposition of every activation
+                    acts = True
+    return 2 * kv + acts
+
+
 def check_config_files(*paths) -> None:
     """Parse every config file strictly (:mod:`qbench.yamlio`): duplicate keys and malformed YAML
     are one error naming the file and line. Snakemake's own loader keeps the last of duplicate keys

@@ -17,6 +17,7 @@ rule calib_stats:
     benchmark:
         f"benchmarks/out/{{model}}/calib/{CALIB_KEY}.tsv"
     threads: threads_for("quantize")
+    priority: PRIORITY["calib"]  # gates the calibrating quantizers, the longest jobs
     resources:
         **job_resources("quantize", gpu=True),
     conda:

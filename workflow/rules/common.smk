@@ -7,7 +7,7 @@ from pathlib import Path
 from qbench.calib.spec import KEY_PATTERN as CALIB_KEY  # {corpus}-{n}x{seqlen}-s{seed}
 from qbench.defaults import section as default_section, settings
 from qbench.gpu import resolve_gpus
-from qbench.workflow import or_exit, resolve_config
+from qbench.workflow import PRIORITY, or_exit, ppl_priority, resolve_config
 
 RESOLVED = or_exit(resolve_config, config)  # one clear line naming the bad key, before any job
 MODELS = RESOLVED["models"]  # config `select.models` or every model

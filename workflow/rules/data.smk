@@ -13,6 +13,7 @@ rule corpus:
     log:
         "logs/{model}/corpus-{corpus}.log",
     threads: 1
+    priority: PRIORITY["calib"]  # gates the calibrating quantizers, the longest jobs
     resources:
         **job_resources("prepare"),
     conda:

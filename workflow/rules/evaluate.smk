@@ -20,6 +20,7 @@ rule eval_ppl:
     benchmark:
         "benchmarks/out/{model}/{recipe}/eval_ppl.tsv"
     threads: threads_for("eval")
+    priority: lambda wc: ppl_priority(RESOLVED["recipes"][wc.recipe])
     resources:
         **job_resources("eval", gpu=True),
     conda:
@@ -44,6 +45,7 @@ rule eval_kv:
     benchmark:
         "benchmarks/out/{model}/{recipe}/eval_kv.tsv"
     threads: threads_for("eval")
+    priority: PRIORITY["eval_kv"]
     resources:
         **job_resources("eval", gpu=True),
     conda:
@@ -78,6 +80,7 @@ rule eval_tasks:
     benchmark:
         "benchmarks/out/{model}/{recipe}/eval_tasks.tsv"
     threads: threads_for("eval")
+    priority: PRIORITY["eval_tasks"]
     resources:
         **job_resources("eval", gpu=True),
     conda:
@@ -101,6 +104,7 @@ rule eval_chat:
     benchmark:
         "benchmarks/out/{model}/{recipe}/eval_chat.tsv"
     threads: threads_for("eval")
+    priority: PRIORITY["eval_chat"]
     resources:
         **job_resources("eval", gpu=True),
     conda:
@@ -127,6 +131,7 @@ rule eval_stats:
     benchmark:
         "benchmarks/out/{model}/{recipe}/eval_stats.tsv"
     threads: threads_for("eval")
+    priority: PRIORITY["eval_stats"]
     resources:
         **job_resources("eval", gpu=True),
     conda:
@@ -152,6 +157,7 @@ rule eval_speed:
     benchmark:
         "benchmarks/out/{model}/{recipe}/eval_speed.tsv"
     threads: threads_for("eval")
+    priority: PRIORITY["eval_speed"]
     resources:
         **job_resources("eval", gpu=True),
     conda:

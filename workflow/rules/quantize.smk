@@ -20,9 +20,9 @@ rule quantize:
     benchmark:
         "benchmarks/out/{model}/{recipe}/quantize.tsv"
     threads: threads_for("quantize")
-    # calibrating recipes (GPTQ, AWQ, SpQR, LKD, KVQuant, ...) are the long jobs: start them first so
-    # that the run does not end with one of them alone on the machine
-    priority: lambda wc: 10 if calib_corpora(wc) else 0
+    # longest first (qbench.workflow.PRIORITY): calibrating recipes (GPTQ, AWQ, SpQR, LKD, KVQuant, ...),
+    # then every other checkpoint, then the evaluations
+    priority: lambda wc: PRIORITY["quantize_calib" if calib_corpora(wc) else "quantize"]
     resources:
         **job_resources("quantize", gpu=True),
     conda:
