@@ -275,8 +275,7 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, s_x: torch.Tensor, s_w: torch.Te
         s = nsplit(_I8_GEMV.best_config.kwargs)
         return (part[0] if s == 1 else part[:s].sum(0)).to(out_dtype)
     if a.is_cuda and K % 8 == 0 and N % 8 == 0:
-        return int8_gemm_cublas(a, b, s_x, s_w, c_x if has_cx else None, c_w if has_cw else None,
-                                out_dtype, packed)
+        return int8_gemm_cublas(a, b, s_x, s_w, c_x, c_w, out_dtype, packed)
     y = torch.empty((M, N), device=a.device, dtype=out_dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
     _I8_GEMM[grid](a, b, s_x, cx, s_w, cw, y, M, N, K, a.stride(0), b.stride(0), 0, y.stride(0),

@@ -39,7 +39,7 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -56,11 +56,11 @@ def remove_stale_temps(out: Path) -> None:
     for kind in ("tmp", "old"):
         for p in out.parent.glob(f"{out.name}.{kind}-*"):
             pid = p.name[len(out.name) + len(kind) + 2:].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     for p in out.parent.glob(f".{out.name}.tmp-*"):  # atomic_json's temp files
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             p.unlink(missing_ok=True)
 
 

@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .fsutil import pid_alive
+
 #: the environment variable naming the server's socket (set for the jobs by :func:`start`)
 ENV = "QBENCH_JOB_SERVER"
 #: True in a job running in a forked child of the server (its ``job()`` must not delegate again)
@@ -246,7 +248,7 @@ def serve(path: str, idle: float = IDLE_SECONDS, parent: int | None = None, timi
                     conn.close()
                 last = time.monotonic()
             if not running and (time.monotonic() - last > idle
-                                or (parent is not None and not _alive(parent))):
+                                or (parent is not None and not pid_alive(parent))):
                 break
     finally:
         srv.close()
@@ -294,14 +296,6 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ----------------------------------------------------------------------------- Snakefile hooks
@@ -361,9 +355,9 @@ def stop() -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-    for p in (_server.pop("path", None),):
-        if p and os.path.exists(p):
-            os.unlink(p)
+    p = _server.pop("path", None)
+    if p and os.path.exists(p):
+        os.unlink(p)
     try:
         os.rmdir(_server.pop("dir"))
     except OSError:
